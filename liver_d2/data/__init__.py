@@ -1,0 +1,1 @@
+"""Data: volume I/O, slicing, preparation, registration, channels and mappers."""

@@ -1,0 +1,118 @@
+"""Prepared splits → detectron2 DatasetCatalog / MetadataCatalog, by name.
+
+Like detectron2's ``DETECTRON2_DATASETS``, the root comes from ``LIVER_D2_DATASETS``
+(default ``./datasets``), so configs name datasets only (``liver_phantom_train``). Every
+prepared folder ``<root>/<name>/`` with a ``manifest.json`` registers ``<name>_<split>``;
+the built-in names register even before preparation, so using one too early says how to
+prepare it instead of "not registered".
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from liver_d2.data.prepare import MANIFEST, SPLITS
+from liver_d2.errors import LiverD2Error
+
+ENV_ROOT = "LIVER_D2_DATASETS"
+THING_CLASSES = ["tumor"]
+BUILTIN = {  # prepared folder name → how to make it
+    "liver_phantom": "python tools/make_phantoms.py && python tools/prepare_data.py --source datasets/phantoms",
+    "liver_msd": "python tools/prepare_data.py --source datasets/Task03_Liver (see datasets/README.md)",
+    "liver_lits": "python tools/prepare_data.py --source datasets/LiTS (see datasets/README.md)",
+}
+IMAGE_EXTRAS = ("volume_id", "slice_index", "axis", "pixel_spacing", "slice_thickness",
+                "has_liver", "has_tumor", "hu_offset")
+
+
+def datasets_root() -> str:
+    return os.path.expanduser(os.environ.get(ENV_ROOT, "datasets"))
+
+
+def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = None) -> list[dict]:
+    """Read one split's COCO JSON into detectron2 dicts, keeping the slice extras.
+
+    Hand-written rather than detectron2's ``load_coco_json`` because that drops the image
+    extras (volume, slice index, 2.5D neighbours) the mapper and lesion metrics need.
+    """
+    if not os.path.exists(json_file):
+        hint = BUILTIN.get(os.path.basename(folder), "python tools/prepare_data.py --source <dataset folder>")
+        raise LiverD2Error(f"{json_file}: prepared split not found; prepare it first: {hint}")
+    with open(json_file) as f:
+        coco = json.load(f)
+    if not coco["images"]:
+        raise LiverD2Error(f"{json_file}: split has no images (too few volumes for this split?)")
+    by_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append({
+            "bbox": ann["bbox"],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 0,  # the one thing class: tumor
+            "segmentation": ann["segmentation"],
+            "iscrowd": ann.get("iscrowd", 0),
+            "area": ann["area"],
+        })
+    records = []
+    for img in coco["images"]:
+        record = {
+            "file_name": os.path.join(folder, img["file_name"]),
+            "height": img["height"],
+            "width": img["width"],
+            "image_id": img["id"],
+            "annotations": by_image.get(img["id"], []),
+            "context_files": [os.path.join(folder, p) for p in img["context_files"]],
+        }
+        record.update({k: img[k] for k in IMAGE_EXTRAS if k in img})
+        records.append(record)
+    return records
+
+
+def register_split(name: str, folder: str, split: str) -> str:
+    """Register ``<name>_<split>`` for a prepared folder; returns the dataset name."""
+    dataset_name = f"{name}_{split}"
+    json_file = os.path.join(folder, "annotations", f"{split}.json")
+    if dataset_name in DatasetCatalog.list():
+        DatasetCatalog.remove(dataset_name)
+        MetadataCatalog.remove(dataset_name)
+    DatasetCatalog.register(dataset_name, lambda: load_liver_json(json_file, folder, dataset_name))
+    MetadataCatalog.get(dataset_name).set(
+        thing_classes=list(THING_CLASSES),
+        thing_dataset_id_to_contiguous_id={1: 0},
+        json_file=json_file,
+        image_root=folder,
+        evaluator_type="coco",
+        prepared_dir=folder,
+    )
+    return dataset_name
+
+
+def register_prepared(folder: str, name: Optional[str] = None) -> list[str]:
+    """Register every split of one prepared folder (name from its manifest by default)."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise LiverD2Error(f"{folder}: no {MANIFEST}; the preparation did not finish, run it again")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    name = name or manifest.get("name") or os.path.basename(os.path.normpath(folder))
+    return [register_split(name, folder, split) for split in manifest["splits"]]
+
+
+def register_all(root: Optional[str] = None) -> list[str]:
+    """Built-in names plus every prepared folder found under the root."""
+    root = root or datasets_root()
+    names = []
+    for builtin in BUILTIN:
+        names += [register_split(builtin, os.path.join(root, builtin), s) for s in SPLITS]
+    if os.path.isdir(root):
+        for entry in sorted(os.listdir(root)):
+            folder = os.path.join(root, entry)
+            if os.path.exists(os.path.join(folder, MANIFEST)):
+                names += register_prepared(folder, entry)
+    return sorted(set(names))
+
+
+register_all()

@@ -1,0 +1,136 @@
+"""``Trainer(DefaultTrainer)``: detectron2's training loop with the liver data path.
+
+What changes from DefaultTrainer: the liver mapper for train and test loaders, negatives
+sampled per tumor slice, COCO box evaluation, validation loss + AP hooks with the best
+checkpoint kept, weights loaded through :class:`LiverCheckpointer`, and PNG overlays of
+predictions next to each test evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+from detectron2.data import (DatasetCatalog, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.utils.logger import setup_logger
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+
+from liver_d2.data.mapper import LiverDatasetMapper
+from liver_d2.engine.checkpoint import LiverCheckpointer
+from liver_d2.engine.hooks import ValidationHook
+from liver_d2.errors import LiverD2Error
+
+logger = logging.getLogger(__name__)
+
+
+def subsample_negatives(dicts: list[dict], per_positive: float, seed: int) -> list[dict]:
+    """Keep every tumor slice and ``per_positive`` tumor-free slices per tumor slice
+    (seeded, so runs repeat); -1 keeps all. Negatives teach the detector what liver without
+    tumor looks like: the research code had none and paid in false positives."""
+    positives = [d for d in dicts if d.get("annotations")]
+    negatives = [d for d in dicts if not d.get("annotations")]
+    if per_positive < 0 or len(negatives) <= per_positive * len(positives):
+        return dicts
+    n = int(round(per_positive * len(positives)))
+    keep = np.random.default_rng(seed).choice(len(negatives), size=n, replace=False)
+    chosen = positives + [negatives[i] for i in sorted(keep)]
+    logger.info(f"training on {len(positives)} tumor slices and {n} of {len(negatives)} negatives")
+    return chosen
+
+
+def check_datasets(cfg) -> None:
+    """Every dataset the config names is registered (one line saying what to do if not)."""
+    registered = set(DatasetCatalog.list())
+    for key in ("TRAIN", "VAL", "TEST"):
+        for name in cfg.DATASETS.get(key, ()):
+            if name not in registered:
+                liver = sorted(n for n in registered if n.startswith("liver_"))
+                raise LiverD2Error(
+                    f"DATASETS.{key} names {name!r}, which is not registered; prepare it with "
+                    f"tools/prepare_data.py or use one of: {', '.join(liver)}"
+                )
+
+
+def check_weights(cfg) -> None:
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise LiverD2Error(f"MODEL.WEIGHTS={weights}: file not found; give a local .pth/.pkl file or '' to train from scratch")
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        """DefaultTrainer.__init__ with two changes it has no hook for: on the CPU, DDP must
+        get no device_ids (detectron2 passes the local rank, which only fits GPUs), and the
+        checkpointer is a LiverCheckpointer (torchvision ResNets, input-channel checks)."""
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = cfg.MODEL.DEVICE == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = LiverCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def build_checkpointer(model, cfg) -> LiverCheckpointer:
+        """The checkpointer for evaluation and prediction (no trainer state)."""
+        return LiverCheckpointer(model, cfg.OUTPUT_DIR)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        dicts = subsample_negatives(dicts, cfg.DATALOADER.NEGATIVES_PER_POSITIVE, cfg.SEED if cfg.SEED >= 0 else 0)
+        return build_detection_train_loader(cfg, dataset=dicts, mapper=LiverDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=LiverDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
+                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    def build_hooks(self):
+        cfg = self.cfg
+        hook_list = super().build_hooks()
+        if cfg.TEST.VAL_PERIOD > 0 and cfg.DATASETS.VAL:
+            validation = [
+                ValidationHook(cfg.TEST.VAL_PERIOD, cfg.DATASETS.VAL[0],
+                               lambda name: self.build_test_loader(cfg, name),
+                               lambda name: self.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference", f"{name}_latest")),
+                               cfg.TEST.VAL_LOSS_IMAGES),
+                hooks.BestCheckpointer(cfg.TEST.VAL_PERIOD, self.checkpointer, "val/bbox/AP", mode="max"),
+            ]
+            # before the writers, so each validation lands in the same metrics.json line
+            writer_at = next((i for i, h in enumerate(hook_list) if isinstance(h, hooks.PeriodicWriter)), len(hook_list))
+            hook_list[writer_at:writer_at] = validation
+        return hook_list
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and cfg.TEST.NUM_OVERLAYS > 0:
+            from liver_d2.evaluation.overlays import write_overlays
+
+            for name in cfg.DATASETS.TEST:
+                folder = os.path.join(cfg.OUTPUT_DIR, "inference", name)
+                predictions = os.path.join(folder, "coco_instances_results.json")
+                if os.path.exists(predictions):
+                    write_overlays(name, predictions, os.path.join(folder, "overlays"), cfg)
+        return results if isinstance(results, OrderedDict) else OrderedDict(results)

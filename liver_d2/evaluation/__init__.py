@@ -1,0 +1,1 @@
+"""Evaluation: COCO slice metrics (detectron2's COCOEvaluator) and pictures of results."""
