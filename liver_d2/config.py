@@ -14,7 +14,7 @@ for the configured mode (see :func:`liver_d2.data.channels.default_pixel_stats`)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -87,6 +87,11 @@ def add_liver_config(cfg: CN) -> None:
     # detectron2 would drop images without annotations, i.e. every negative slice;
     # it must stay False whenever negatives are wanted (checked by validate_liver_config).
     _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+
+    # ------------------------------------------------------------- optimizer
+    # "SGD" (detectron2's, with SOLVER.MOMENTUM) or "ADAMW" (betas 0.9/0.999, with
+    # SOLVER.WEIGHT_DECAY). AdamW converges faster from scratch on short CPU schedules.
+    _C.SOLVER.OPTIMIZER = "SGD"
 
     # ------------------------------------------------------------- validation
     # Split used while training for the validation loss and validation AP (and so the
@@ -172,9 +177,35 @@ def validate_liver_config(cfg: CN) -> None:
     _check(float(cfg.INPUT.HU.TARGET_SPACING) >= 0,
            f"INPUT.HU.TARGET_SPACING={cfg.INPUT.HU.TARGET_SPACING} must be >= 0 mm (0 = native spacing)")
     _validate_aug(cfg.INPUT.AUG)
+    _check(cfg.SOLVER.OPTIMIZER in ("SGD", "ADAMW"),
+           f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not an optimizer; set it to SGD or ADAMW")
     neg = float(cfg.DATALOADER.NEGATIVES_PER_POSITIVE)
     _check(neg >= 0 or neg == -1,
            f"DATALOADER.NEGATIVES_PER_POSITIVE={neg} must be >= 0, or -1 to keep all negatives")
     _check(neg == 0 or not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
            "DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, which drops every negative slice; "
            "set it False (or DATALOADER.NEGATIVES_PER_POSITIVE 0)")
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """A checked, unfrozen config: detectron2 defaults + liver keys + file + ``KEY VALUE``
+    overrides; ``cuda`` configs fall back to the CPU where no GPU is present, so the same
+    files run on a laptop. Raises LiverD2Error (one line) on a missing file or bad key."""
+    import os
+
+    import torch
+    from detectron2.config import get_cfg
+
+    if not os.path.isfile(config_file):
+        raise LiverD2Error(f"--config-file {config_file}: file not found")
+    cfg = get_cfg()
+    add_liver_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise LiverD2Error(f"{config_file}: {str(e).splitlines()[0]}") from None
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.MODEL.DEVICE = "cpu"
+    validate_liver_config(cfg)
+    return cfg

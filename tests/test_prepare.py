@@ -201,3 +201,22 @@ def test_registration_by_name(msd_root: Path, tmp_path: Path, monkeypatch: pytes
 
     with pytest.raises(LiverD2Error, match="prepare_data.py"):
         DatasetCatalog.get("liver_msd_train")
+
+
+def test_end_to_end_on_small_phantoms(tmp_path: Path) -> None:
+    """The built-in default path: phantoms → tools/prepare_data.py → registered, loadable splits."""
+    from liver_d2.data.phantoms import write_phantom_dataset
+
+    source = tmp_path / "phantoms"
+    write_phantom_dataset(str(source), 4, seed=1, workers=1, shape=(96, 96, 24), verbose=False)
+    env = {**__import__("os").environ, "LIVER_D2_DATASETS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "--source", str(source),
+                           "--split-ratios", "0.5", "0.25", "0.25"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "liver_phantom_train" in proc.stdout and "small" in proc.stdout and "diameter_mm_median" in proc.stdout
+    manifest = load_json(tmp_path / "liver_phantom" / "manifest.json")
+    assert [len(manifest["splits"][s]["volumes"]) for s in ("train", "val", "test")] == [2, 1, 1]
+    index = pd.read_csv(tmp_path / "liver_phantom" / "index.csv")
+    assert len(index) == 4 * 24 and index.has_liver.any() and not index.has_liver.all()
+    for split in ("train", "val", "test"):
+        COCO(str(tmp_path / "liver_phantom" / "annotations" / f"{split}.json"))

@@ -2,7 +2,7 @@
 """Write synthetic abdominal CT phantoms in the MSD Task03 layout (the built-in default data).
 
 Example:
-    python tools/make_phantoms.py                                   # 40 volumes → datasets/phantoms
+    python tools/make_phantoms.py                                   # 48 volumes → datasets/phantoms
     python tools/make_phantoms.py --out datasets/phantoms --num 12 --seed 0 --workers 2
 
 Volume i of a set depends only on (--seed, i), so a larger --num adds volumes without
@@ -14,11 +14,7 @@ import argparse
 import os
 import sys
 
-try:
-    from liver_d2.data.phantoms import DEFAULT_SHAPE, write_phantom_dataset
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from liver_d2.data.phantoms import DEFAULT_SHAPE, write_phantom_dataset
+from liver_d2.data.phantoms import DEFAULT_SHAPE, check_shape, write_phantom_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(root, "phantoms"),
                    help="output folder (default $LIVER_D2_DATASETS/phantoms, ./datasets if unset)")
-    p.add_argument("--num", type=int, default=40, help="number of volumes")
+    p.add_argument("--num", type=int, default=48, help="number of volumes")
     p.add_argument("--seed", type=int, default=0, help="set seed; volume i uses seed * 100003 + i")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one volume each)")
     p.add_argument("--size", type=int, default=DEFAULT_SHAPE[0], help="in-plane size in pixels (square)")
@@ -36,12 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.num < 1 or args.size < 32 or args.slices < 8 or args.seed < 0:
-        print("error: need --num >= 1, --size >= 32, --slices >= 8 and --seed >= 0", file=sys.stderr)
+    shape = (args.size, args.size, args.slices)
+    try:
+        check_shape(shape)
+        if args.num < 1 or args.seed < 0:
+            raise ValueError("need --num >= 1 and --seed >= 0")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"writing {args.num} phantoms ({args.size}x{args.size}x{args.slices}, seed {args.seed}) → {args.out}")
-    write_phantom_dataset(args.out, args.num, seed=args.seed, workers=args.workers,
-                          shape=(args.size, args.size, args.slices), verbose=True)
+    write_phantom_dataset(args.out, args.num, seed=args.seed, workers=args.workers, shape=shape, verbose=True)
     return 0
 
 

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negatives-per-positive", type=float, default=1.0,
                    help="tumor-free liver slices per tumor slice in each split (-1: all)")
+    p.add_argument("--png-compression", type=int, default=0, choices=range(10), metavar="0-9",
+                   help="zlib level of the 16-bit slice PNGs: 0 fastest (default), 1 about half the size")
     p.add_argument("--workers", type=int, default=2)
     return p.parse_args(argv)
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         min_area_mm2=args.min_area_mm2, context=args.context, store_all_slices=args.store_all_slices,
         split_protocol=args.split_protocol, split_ratios=tuple(args.split_ratios), seed=args.seed,
         negatives_per_positive=args.negatives_per_positive, workers=args.workers,
+        png_compression=args.png_compression,
     )
     try:
         n_cases = len(find_cases(args.source))

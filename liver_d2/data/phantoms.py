@@ -18,6 +18,7 @@ Posterior, z toward Superior, matching the LPS index order of the arrays.
 from __future__ import annotations
 
 import csv
+import glob
 import gzip
 import json
 import os
@@ -50,6 +51,7 @@ LIVER_TEXTURE_SD_HU = (3.0, 6.0)
 BLUR_XY_VOX = (0.5, 0.9)  # partial-volume / PSF blur, in voxels
 BLUR_Z_VOX = (0.4, 0.8)
 FREE_END_SLICES = 2  # liver-free slices guaranteed at the top and bottom
+MIN_SIZE, MIN_SLICES = 32, 12  # below this there is no room for a liver between free end slices
 
 
 # --------------------------------------------------------------------------------------
@@ -117,14 +119,6 @@ class _Grid:
             shape[d] = hi - lo
             coords.append(a[lo:hi].reshape(shape))
         return tuple(slices), coords
-
-    def full(self) -> list[np.ndarray]:
-        return [a.reshape([-1 if d == i else 1 for i in range(3)]) for d, a in enumerate(self.axes)]
-
-    def voxel(self, point_mm: Sequence[float]) -> tuple[int, int, int]:
-        """Nearest voxel index of a point (clipped into the volume)."""
-        return tuple(int(np.clip(np.rint(point_mm[d] / self.spacing[d] + (self.shape[d] - 1) / 2), 0, self.shape[d] - 1))
-                     for d in range(3))
 
 
 @dataclass
@@ -229,11 +223,17 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """The shape as ints, or ValueError: below the minimum there is no room for a liver."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape[:2]) < MIN_SIZE or shape[2] < MIN_SLICES:
+        raise ValueError(f"phantom shape must be (x >= {MIN_SIZE}, y >= {MIN_SIZE}, z >= {MIN_SLICES}), got {shape}")
+    return shape
+
+
 def _make_grid(rng: np.random.Generator, shape: Sequence[int], spacing: Optional[Sequence[float]]) -> _Grid:
     """Spacing from a ~350 mm field of view and 2-3 mm slices unless given explicitly."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"phantom shape must be 3 sizes >= 8, got {shape}")
+    shape = check_shape(shape)
     if spacing is None:
         pixel = rng.uniform(*FOV_MM) / max(shape[0], shape[1])
         spacing = (pixel, pixel, rng.uniform(*SLICE_MM))
@@ -300,9 +300,11 @@ def _angular_wobble(rng: np.random.Generator, theta: np.ndarray, amplitude: floa
 def _render_body(rng: np.random.Generator, grid: _Grid, img: np.ndarray, hu: dict) -> _Body:
     """Body outline with skin, fat and muscle layers; returns the abdominal cavity."""
     half_fov = min(grid.axes[0][-1], grid.axes[1][-1])
-    a = min(rng.uniform(140, 168), 0.93 * half_fov)
-    b = min(rng.uniform(95, 125), 0.8 * half_fov)
-    cy = -rng.uniform(0, 0.1) * half_fov  # anterior shift leaves room for the table side
+    # Fit the body into the field of view, but never shrink it below a small adult: an
+    # explicitly tiny field of view then crops the body, as a real scan would.
+    a = min(rng.uniform(140, 168), max(0.93 * half_fov, 125.0))
+    b = min(rng.uniform(95, 125), max(0.8 * half_fov, 90.0))
+    cy = -rng.uniform(0, 0.1) * half_fov  # patients usually lie a little anterior of the centre
     fat_lat, fat_ant, fat_post = rng.uniform(10, 35), rng.uniform(12, 40), rng.uniform(8, 20)
     muscle = rng.uniform(8, 14)
     x = grid.axes[0][:, None]
@@ -332,7 +334,7 @@ def _render_body(rng: np.random.Generator, grid: _Grid, img: np.ndarray, hu: dic
     return body
 
 
-def _render_ribs(rng: np.random.Generator, grid: _Grid, img: np.ndarray, hu: dict, wall: np.ndarray, cy: float) -> None:
+def _render_ribs(rng: np.random.Generator, grid: _Grid, img: np.ndarray, hu: dict, band: np.ndarray, cy: float) -> None:
     """Oblique rib cross-sections in the muscle wall: bright bone right next to the liver edge."""
     period, width, slope = rng.uniform(28, 36), rng.uniform(0.3, 0.4), rng.uniform(0.4, 0.6)
     z_low = grid.axes[2][0] + rng.uniform(0.2, 0.45) * (grid.axes[2][-1] - grid.axes[2][0])
@@ -342,7 +344,7 @@ def _render_ribs(rng: np.random.Generator, grid: _Grid, img: np.ndarray, hu: dic
     alpha = np.abs(np.arctan2(x, y))  # 0 at the back, pi at the front
     arc = alpha * 120.0
     phase = ((z + slope * arc) / period) % 1.0
-    ribs = wall & (phase < width) & (alpha < 0.8 * np.pi) & (z > z_low - slope * arc)
+    ribs = band & (phase < width) & (alpha < 0.8 * np.pi) & (z > z_low - slope * arc)
     np.copyto(img, hu["rib"], where=ribs)
 
 
@@ -477,8 +479,8 @@ def _render_liver(rng: np.random.Generator, grid: _Grid, body: _Body, geometry: 
     left_c = np.array([rng.uniform(0.05, 0.25) * a_c, body.cy - rng.uniform(0.45, 0.6) * b_c,
                        center[2] + rng.uniform(0.1, 0.35) * semi[2]])
     left_s = np.array([rng.uniform(0.35, 0.5) * a_c, rng.uniform(0.22, 0.32) * b_c, rng.uniform(0.45, 0.6) * semi[2]])
-    lo = np.minimum(center - semi, left_c - left_s) * np.array([1.2, 1.2, 1.0]) - 5.0
-    hi = np.maximum(center + semi, left_c + left_s) * np.array([1.2, 1.2, 1.0]) + 5.0
+    lo = np.minimum(center - 1.3 * semi, left_c - 1.3 * left_s)  # room for the deformation
+    hi = np.maximum(center + 1.3 * semi, left_c + 1.3 * left_s)
     lo[2], hi[2] = center[2] - cap * semi[2], center[2] + cap * semi[2]
     mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
     box, (x, y, z) = grid.box(mid, half)
@@ -519,12 +521,13 @@ def _render_thorax(rng: np.random.Generator, grid: _Grid, img: np.ndarray, hu: d
     above = body.cavity & (z > dome[:, :, None])
     np.copyto(img, hu["muscle"], where=body.cavity & (z > dome[:, :, None] - 4.0))
     np.copyto(img, hu["lung"], where=above)
-    ks = np.nonzero(above.any(axis=(0, 1)))[0]
-    if ks.size:
-        box = (slice(None), slice(None), slice(ks[0], ks[-1] + 1))
-        field_ = _smooth_field(rng, [grid.axes[d][box[d]] for d in range(3)], rng.uniform(3, 5))
-        field2 = _smooth_field(rng, [grid.axes[d][box[d]] for d in range(3)], rng.uniform(3, 5))
-        np.copyto(img[box], hu["muscle"], where=above[box] & (np.abs(field_) < 0.15) & (np.abs(field2) < 0.15))
+    idx = np.nonzero(above)
+    if idx[0].size:
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+        # Where two random surfaces cross lies a curve: a cheap web of lung vessels.
+        sigma = [rng.uniform(3, 5) / s for s in grid.spacing]
+        tube_a, tube_b = (_fine_texture(rng, above[box].shape, sigma) for _ in range(2))
+        np.copyto(img[box], hu["muscle"], where=above[box] & (np.abs(tube_a) < 0.15) & (np.abs(tube_b) < 0.15))
     x = grid.axes[0][:, None]
     y = grid.axes[1][None, :] - body.cy
     heart = (((x - 0.15 * body.a_c) / (0.42 * body.a_c)) ** 2 + ((y + 0.25 * body.b_c) / (0.5 * body.b_c)) ** 2) <= 1.0
@@ -787,7 +790,7 @@ def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Optio
     liver = _render_liver(rng, grid, body, geometry, dome, occupied | ~allowed)
 
     label = np.zeros(grid.shape, np.uint8)
-    tumors = _paint_liver(rng, grid, liver, img, label, hu, ivc_xy, dome)
+    tumors = _paint_liver(rng, grid, liver, img, label, hu, ivc_xy, max_tumors)
     blur = (rng.uniform(*BLUR_XY_VOX),) * 2 + (rng.uniform(*BLUR_Z_VOX),)
     noise_sd = rng.uniform(*NOISE_SD_HU)
     out = _acquire(rng, img, blur, noise_sd)
@@ -799,7 +802,7 @@ def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Optio
 
 
 def _paint_liver(rng: np.random.Generator, grid: _Grid, liver: _Liver, img: np.ndarray, label: np.ndarray,
-                 hu: dict, ivc_xy: tuple[float, float], dome: np.ndarray) -> list[dict]:
+                 hu: dict, ivc_xy: tuple[float, float], max_tumors: int) -> list[dict]:
     """Parenchyma with texture, vessels, then tumors; fills the label (tumor 2 wins over liver 1)."""
     box, mask = liver.box, liver.mask
     top = float(grid.axes[2][box[2]][np.nonzero(mask.any(axis=(0, 1)))[0].max()]) if mask.any() else 0.0
@@ -807,11 +810,13 @@ def _paint_liver(rng: np.random.Generator, grid: _Grid, liver: _Liver, img: np.n
     texture = tex_sd * _fine_texture(rng, mask.shape, [rng.uniform(1.5, 3.0) / s for s in grid.spacing])
     sub = img[box]
     np.copyto(sub, hu["liver"] + texture, where=mask)
+    if not mask.any():  # degenerate geometry (tiny volumes): a scan without liver
+        return []
     portal, hepatic = _liver_vessels(rng, grid, liver, ivc_xy, top)
     np.copyto(sub, hu["portal_vein"], where=portal)
     np.copyto(sub, hu["hepatic_vein"], where=hepatic)
 
-    specs = sample_tumor_specs(rng, sample_tumor_count(rng))
+    specs = sample_tumor_specs(rng, sample_tumor_count(rng, max_tumors))
     placed = _place_tumors(rng, grid, liver, specs)
     tumor = np.zeros(mask.shape, bool)
     regions = [_render_tumor(rng, grid, liver, sub, tumor, spec, hu["liver"]) for spec in placed]
@@ -896,6 +901,9 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray, spacing: Sequence[float])
 def _write_case(out_dir: str, index: int, seed: int, shape: tuple[int, int, int]) -> dict:
     """Generate and write one volume (image, label, meta); returns its meta."""
     paths = _case_paths(out_dir, index)
+    for key in ("image", "label", "meta"):  # leftovers of a killed run
+        for stale in glob.glob(glob.escape(paths[key]) + ".*.part"):
+            os.remove(stale)
     phantom = make_phantom(volume_seed(seed, index), shape)
     _atomic_write(paths["image"], _nifti_bytes(phantom.hu, phantom.affine, phantom.spacing))
     _atomic_write(paths["label"], _nifti_bytes(phantom.label, phantom.affine, phantom.spacing))
@@ -918,7 +926,7 @@ def write_phantom_dataset(out_dir: str, num: int, seed: int = 0, workers: int = 
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape(shape)
     for sub in ("imagesTr", "labelsTr", META_DIR):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     todo = [i for i in range(num) if not _case_done(out_dir, i)]

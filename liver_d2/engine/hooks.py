@@ -10,23 +10,30 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
 from torch.nn.modules.batchnorm import _BatchNorm
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def frozen_norm_statistics(model: torch.nn.Module) -> Iterator[None]:
-    """Keep the model in training mode (so it returns losses) but stop BatchNorm layers from
-    updating their running statistics: the validation pass must not change the model."""
+def frozen_training_state(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the model in training mode (so it returns losses) without letting the pass
+    change anything training uses: BatchNorm running statistics are frozen, RetinaNet's
+    running loss normaliser is restored, and the per-step scalars the model logs (such as
+    num_pos_anchors) go to a throwaway EventStorage instead of the trainer's."""
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+    normalisers = {m: m.loss_normalizer for m in model.modules() if hasattr(m, "loss_normalizer")}
     for m in norms:
         m.eval()
     try:
-        yield
+        with EventStorage():
+            yield
     finally:
         for m in norms:
             m.train()
+        for m, value in normalisers.items():
+            m.loss_normalizer = value
 
 
 def validation_loss(model: torch.nn.Module, loader, max_images: int = 0) -> dict[str, float]:
@@ -35,7 +42,7 @@ def validation_loss(model: torch.nn.Module, loader, max_images: int = 0) -> dict
     totals: dict[str, float] = {}
     count = 0
     batches = loader if max_images <= 0 else itertools.islice(loader, max_images)
-    with torch.no_grad(), frozen_norm_statistics(model):
+    with torch.no_grad(), frozen_training_state(model):
         for batch in batches:
             losses = model(batch)
             for k, v in losses.items():

@@ -13,11 +13,13 @@ import weakref
 from collections import OrderedDict
 
 import numpy as np
+import torch
 from detectron2.data import (DatasetCatalog, build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from liver_d2.data.mapper import LiverDatasetMapper
@@ -85,10 +87,34 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, with P7's conv frozen when the head does not read P7.
+
+        detectron2's RetinaNet FPN always builds P6 and P7; the liver configs read P2-P6,
+        so P7's conv never gets a gradient, and DistributedDataParallel stops at the second
+        iteration of any multi-process run ("Expected to have finished reduction ...")."""
+        model = super().build_model(cfg)
+        top_block = getattr(getattr(model, "backbone", None), "top_block", None)
+        if hasattr(top_block, "p7") and "p7" not in cfg.MODEL.RETINANET.IN_FEATURES:
+            top_block.p7.requires_grad_(False)
+        return model
+
     @staticmethod
     def build_checkpointer(model, cfg) -> LiverCheckpointer:
         """The checkpointer for evaluation and prediction (no trainer state)."""
         return LiverCheckpointer(model, cfg.OUTPUT_DIR)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if cfg.SOLVER.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        params = get_default_optimizer_params(model, base_lr=cfg.SOLVER.BASE_LR,
+                                              weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                                              bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                                              weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
