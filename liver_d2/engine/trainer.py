@@ -17,10 +17,10 @@ import torch
 from detectron2.data import (DatasetCatalog, build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
-from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from liver_d2.data.mapper import LiverDatasetMapper
 from liver_d2.engine.checkpoint import LiverCheckpointer
