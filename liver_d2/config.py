@@ -14,9 +14,12 @@ for the configured mode (see :func:`liver_d2.data.channels.default_pixel_stats`)
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from liver_d2.data.channels import VALID_MODES, ChannelSpec, default_pixel_stats
 from liver_d2.errors import LiverD2Error
@@ -191,11 +194,6 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     """A checked, unfrozen config: detectron2 defaults + liver keys + file + ``KEY VALUE``
     overrides; ``cuda`` configs fall back to the CPU where no GPU is present, so the same
     files run on a laptop. Raises LiverD2Error (one line) on a missing file or bad key."""
-    import os
-
-    import torch
-    from detectron2.config import get_cfg
-
     if not os.path.isfile(config_file):
         raise LiverD2Error(f"--config-file {config_file}: file not found")
     cfg = get_cfg()

@@ -33,19 +33,39 @@ def datasets_root() -> str:
     return os.path.expanduser(os.environ.get(ENV_ROOT, "datasets"))
 
 
+def split_problem(json_file: str, folder: str, num_images: Optional[int]) -> Optional[str]:
+    """Why a prepared split cannot be used (not prepared, or empty), or None."""
+    if not os.path.exists(json_file):
+        hint = BUILTIN.get(os.path.basename(folder), "python tools/prepare_data.py --source <dataset folder>")
+        return f"{json_file}: prepared split not found; prepare it first: {hint}"
+    if num_images == 0:
+        return f"{json_file}: split has no images (too few volumes for this split?)"
+    return None
+
+
+def registered_split_problem(dataset_name: str) -> Optional[str]:
+    """The same check from what registration knows (the manifest's image count), without
+    reading the split: cheap enough to run before training starts."""
+    meta = MetadataCatalog.get(dataset_name)
+    if meta.get("prepared_dir") is None:  # not a liver dataset: nothing to say
+        return None
+    return split_problem(meta.json_file, meta.prepared_dir, meta.get("num_images"))
+
+
 def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = None) -> list[dict]:
     """Read one split's COCO JSON into detectron2 dicts, keeping the slice extras.
 
     Hand-written rather than detectron2's ``load_coco_json`` because that drops the image
     extras (volume, slice index, 2.5D neighbours) the mapper and lesion metrics need.
     """
-    if not os.path.exists(json_file):
-        hint = BUILTIN.get(os.path.basename(folder), "python tools/prepare_data.py --source <dataset folder>")
-        raise LiverD2Error(f"{json_file}: prepared split not found; prepare it first: {hint}")
+    problem = split_problem(json_file, folder, None)
+    if problem:
+        raise LiverD2Error(problem)
     with open(json_file) as f:
         coco = json.load(f)
-    if not coco["images"]:
-        raise LiverD2Error(f"{json_file}: split has no images (too few volumes for this split?)")
+    problem = split_problem(json_file, folder, len(coco["images"]))
+    if problem:
+        raise LiverD2Error(problem)
     by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append({
@@ -71,8 +91,9 @@ def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = N
     return records
 
 
-def register_split(name: str, folder: str, split: str) -> str:
-    """Register ``<name>_<split>`` for a prepared folder; returns the dataset name."""
+def register_split(name: str, folder: str, split: str, num_images: Optional[int] = None) -> str:
+    """Register ``<name>_<split>`` for a prepared folder; returns the dataset name.
+    ``num_images`` (from the manifest; None when not prepared yet) lets runs check early."""
     dataset_name = f"{name}_{split}"
     json_file = os.path.join(folder, "annotations", f"{split}.json")
     if dataset_name in DatasetCatalog.list():
@@ -86,6 +107,7 @@ def register_split(name: str, folder: str, split: str) -> str:
         image_root=folder,
         evaluator_type="coco",
         prepared_dir=folder,
+        num_images=num_images,
     )
     return dataset_name
 
@@ -98,7 +120,7 @@ def register_prepared(folder: str, name: Optional[str] = None) -> list[str]:
     with open(manifest_path) as f:
         manifest = json.load(f)
     name = name or manifest.get("name") or os.path.basename(os.path.normpath(folder))
-    return [register_split(name, folder, split) for split in manifest["splits"]]
+    return [register_split(name, folder, split, info.get("images")) for split, info in manifest["splits"].items()]
 
 
 def register_all(root: Optional[str] = None) -> list[str]:

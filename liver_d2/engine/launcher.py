@@ -14,7 +14,6 @@ import os
 import sys
 
 import torch
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -35,7 +34,7 @@ def build_config(args):
     """Config from file + overrides, checked with the datasets and weights it names;
     raises LiverD2Error with one line on a problem."""
     cfg = load_config(args.config_file, args.opts)
-    check_datasets(cfg)
+    check_datasets(cfg, args.eval_only)
     check_weights(cfg)
     cfg.freeze()
     return cfg
@@ -67,17 +66,6 @@ def main(args):
     return trainer.train()
 
 
-def check_splits(cfg, eval_only: bool) -> None:
-    """Load each split the run will use once, so an empty one stops now, not at the first
-    validation thousands of iterations in (or inside a worker process)."""
-    for key in (("TEST",) if eval_only else ("TRAIN", "VAL", "TEST")):
-        for name in cfg.DATASETS.get(key, ()):
-            try:
-                DatasetCatalog.get(name)
-            except LiverD2Error as e:
-                raise LiverD2Error(f"DATASETS.{key} {name!r}: {e}") from None
-
-
 def worker_error(e: BaseException) -> str | None:
     """The LiverD2Error message inside a failed worker's traceback (``--num-gpus N``), if any."""
     lines = str(e).strip().splitlines()
@@ -90,8 +78,7 @@ def worker_error(e: BaseException) -> str | None:
 def run_train_net(args) -> int:
     """What tools/train_net.py does with its parsed arguments; returns the exit code."""
     try:
-        cfg = build_config(args)  # fail early, in this process, with one line
-        check_splits(cfg, args.eval_only)
+        build_config(args)  # fail early, in this process, with one line
         # Errors found later (a checkpoint for other input channels) come out of main();
         # with one process launch() calls it here, so they are one line too; with several,
         # the failed worker's error is picked out below (its siblings are stopped, as

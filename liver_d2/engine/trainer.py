@@ -22,6 +22,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from liver_d2.data.datasets import registered_split_problem
 from liver_d2.data.mapper import LiverDatasetMapper
 from liver_d2.engine.checkpoint import LiverCheckpointer
 from liver_d2.engine.hooks import ValidationHook
@@ -45,9 +46,11 @@ def subsample_negatives(dicts: list[dict], per_positive: float, seed: int) -> li
     return chosen
 
 
-def check_datasets(cfg) -> None:
-    """Every dataset the config names is registered (one line saying what to do if not)."""
+def check_datasets(cfg, eval_only: bool = False) -> None:
+    """Every dataset the config names is registered, and each one the run uses is prepared
+    and not empty: one line saying what to do, before any process starts or any split is read."""
     registered = set(DatasetCatalog.list())
+    used = ("TEST",) if eval_only else ("TRAIN", "VAL", "TEST")
     for key in ("TRAIN", "VAL", "TEST"):
         for name in cfg.DATASETS.get(key, ()):
             if name not in registered:
@@ -56,6 +59,9 @@ def check_datasets(cfg) -> None:
                     f"DATASETS.{key} names {name!r}, which is not registered; prepare it with "
                     f"tools/prepare_data.py or use one of: {', '.join(liver)}"
                 )
+            problem = registered_split_problem(name) if key in used else None
+            if problem:
+                raise LiverD2Error(f"DATASETS.{key} {name!r}: {problem}")
 
 
 def check_weights(cfg) -> None:
