@@ -22,6 +22,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from liver_d2.data.channels import VALID_MODES, ChannelSpec, default_pixel_stats
+from liver_d2.data.slicing import AXES
 from liver_d2.errors import LiverD2Error
 
 
@@ -56,6 +57,21 @@ def add_liver_config(cfg: CN) -> None:
     # HU given to pixels that rotation, translation or zoom-out uncover (-1024 = air,
     # like the scan's surroundings; 0 would paint water into the corners).
     _C.INPUT.HU.PAD_VALUE = -1024.0
+    # Two-stage detection, stage two: crop each slice to its liver region (the dataset's
+    # per-slice liver box from the label, or at prediction a user's liver label or the
+    # stage-one liver detector in STAGE1) widened by MARGIN pixels, resize the crop so its
+    # longer side is SIZE pixels, and map boxes back to the full slice.
+    _C.INPUT.LIVER_CROP = CN()
+    _C.INPUT.LIVER_CROP.ENABLED = False
+    _C.INPUT.LIVER_CROP.SIZE = 256
+    _C.INPUT.LIVER_CROP.MARGIN = 8
+    # Training output folder of the stage-one liver detector (used by the volume predictor
+    # when no liver label is given); "" = a liver label is required at prediction.
+    _C.INPUT.LIVER_CROP.STAGE1 = ""
+    # Axis the model's slices are cut along ("axial", "coronal", "sagittal"): the axis the
+    # training data was prepared with (checked against its manifest), and the one the
+    # volume predictor slices new scans along.
+    _C.INPUT.SLICE_AXIS = "axial"
 
     # --------------------------------------------------------- training augmentation
     # All applied only when training, through detectron2 transforms so boxes follow;
@@ -76,6 +92,11 @@ def add_liver_config(cfg: CN) -> None:
     # Scale jitter: zoom by s ~ U(lo, hi) about the centre, image size kept (crop when
     # s > 1, pad when s < 1); [1.0, 1.0] = off.
     _C.INPUT.AUG.SCALE_RANGE = [0.9, 1.1]
+    # Training crop: square crops of CROP_SIZE pixels (after any TARGET_SPACING resize),
+    # holding a tumor with probability CROP_TUMOR_PROB; 0 = whole slices. Testing always
+    # runs whole slices. Crops make each CPU-second show the detector more tumors.
+    _C.INPUT.AUG.CROP_SIZE = 0
+    _C.INPUT.AUG.CROP_TUMOR_PROB = 0.5
     # Brightness: add an offset ~ U(-BRIGHTNESS_HU, BRIGHTNESS_HU) HU; 0 = off.
     _C.INPUT.AUG.BRIGHTNESS_HU = 10.0
     # Contrast: scale HU by c ~ U(lo, hi) around the slice mean; [1.0, 1.0] = off.
@@ -112,6 +133,16 @@ def add_liver_config(cfg: CN) -> None:
     _C.TEST.NUM_OVERLAYS = 8
     # Predictions below this score are left out of the overlays (not out of the metrics).
     _C.TEST.OVERLAY_SCORE_THRESH = 0.3
+
+    # ------------------------------------------------------------- 3D lesions
+    # Slice detections become 3D lesions (liver_d2/lesions.py): boxes on slices up to
+    # 1 + MAX_GAP apart link when their 2D IoU >= LINK_IOU. Lesion metrics match
+    # predicted to true lesions by 3D box IoU >= MATCH_IOU (0.1, as nnDetection / LUNA16).
+    _C.TEST.LESIONS = CN()
+    _C.TEST.LESIONS.ENABLED = True
+    _C.TEST.LESIONS.LINK_IOU = 0.1
+    _C.TEST.LESIONS.MAX_GAP = 1
+    _C.TEST.LESIONS.MATCH_IOU = 0.1
 
     # ------------------------------------------------------------- pixel stats
     # One value per input channel (num_input_channels(cfg)); defaults fit the default
@@ -152,7 +183,7 @@ def _check_range(cfg_value: Any, key: str, positive: bool = True) -> None:
 
 
 def _validate_aug(aug: CN) -> None:
-    for key in ("FLIP_H_PROB", "FLIP_V_PROB"):
+    for key in ("FLIP_H_PROB", "FLIP_V_PROB", "CROP_TUMOR_PROB"):
         _check(0.0 <= float(aug[key]) <= 1.0, f"INPUT.AUG.{key}={aug[key]} must be a probability in [0, 1]")
     for key in ("ROTATION_DEG", "BRIGHTNESS_HU", "NOISE_STD_HU"):
         _check(float(aug[key]) >= 0, f"INPUT.AUG.{key}={aug[key]} must be >= 0 (0 turns it off)")
@@ -160,6 +191,7 @@ def _validate_aug(aug: CN) -> None:
            f"INPUT.AUG.TRANSLATE_FRAC={aug.TRANSLATE_FRAC} must be in [0, 0.5)")
     _check_range(aug.SCALE_RANGE, "INPUT.AUG.SCALE_RANGE")
     _check_range(aug.CONTRAST_RANGE, "INPUT.AUG.CONTRAST_RANGE")
+    _check(int(aug.CROP_SIZE) >= 0, f"INPUT.AUG.CROP_SIZE={aug.CROP_SIZE} must be >= 0 pixels (0 = whole slices)")
 
 
 def validate_liver_config(cfg: CN) -> None:
@@ -180,6 +212,11 @@ def validate_liver_config(cfg: CN) -> None:
     _check(float(cfg.INPUT.HU.TARGET_SPACING) >= 0,
            f"INPUT.HU.TARGET_SPACING={cfg.INPUT.HU.TARGET_SPACING} must be >= 0 mm (0 = native spacing)")
     _validate_aug(cfg.INPUT.AUG)
+    _check(cfg.INPUT.SLICE_AXIS in AXES, f"INPUT.SLICE_AXIS={cfg.INPUT.SLICE_AXIS!r} is not an axis; set it to one of {', '.join(AXES)}")
+    lesions = cfg.TEST.LESIONS
+    _check(0 <= float(lesions.LINK_IOU) <= 1 and 0 < float(lesions.MATCH_IOU) <= 1 and int(lesions.MAX_GAP) >= 0,
+           f"TEST.LESIONS LINK_IOU={lesions.LINK_IOU} / MATCH_IOU={lesions.MATCH_IOU} must lie in [0, 1] "
+           f"(MATCH_IOU > 0) and MAX_GAP={lesions.MAX_GAP} must be >= 0")
     _check(cfg.SOLVER.OPTIMIZER in ("SGD", "ADAMW"),
            f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not an optimizer; set it to SGD or ADAMW")
     neg = float(cfg.DATALOADER.NEGATIVES_PER_POSITIVE)

@@ -1,13 +1,21 @@
-"""The one definition of a lesion: a 3D connected component of the tumor label.
+"""The one definition of a lesion, for ground truth and for predictions alike.
 
-Ground-truth lesions (for statistics now, for lesion-level metrics later) all come from
-here, with one connectivity setting, so "a tumor" means the same thing everywhere.
+A ground-truth lesion is a 3D connected component of the tumor label (one connectivity
+setting, so "a tumor" means the same thing in statistics and in metrics). A predicted
+lesion is a group of slice detections linked across neighbouring slices. Both carry a 3D
+box in voxel-edge coordinates of the canonical LPS array (voxel i covers [i, i+1)), so
+they compare directly.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+from liver_d2.data.slicing import slice_box_to_voxels, slice_geometry, voxel_box_to_world
 
 LESION_CONNECTIVITY = 26  # 3D full connectivity: diagonal neighbours belong to one lesion
 
@@ -57,3 +65,109 @@ def lesion_table(hu: np.ndarray, label: np.ndarray, spacing: tuple[float, float,
         "mean_hu": mean_hu,
         "contrast_hu": np.asarray(mean_hu) - liver_mean,
     })
+
+
+def ground_truth_lesions(label: np.ndarray, spacing: Sequence[float], tumor_value: int = 2) -> list[dict]:
+    """3D tumor components of an LPS label map, each with its voxel-edge box and size."""
+    tumor = label == tumor_value
+    if not tumor.any():
+        return []
+    crop = bounding_slices(tumor)
+    offset = np.array([c.start for c in crop], dtype=np.float64)
+    lesions, count = label_lesions(tumor[crop])
+    voxels = np.bincount(lesions.ravel(), minlength=count + 1)[1:]
+    voxel_mm3 = float(np.prod(spacing))
+    out = []
+    for index, obj in enumerate(ndimage.find_objects(lesions), start=1):
+        lo = offset + [s.start for s in obj]
+        hi = offset + [s.stop for s in obj]
+        volume_mm3 = float(voxels[index - 1]) * voxel_mm3
+        out.append({
+            "lesion": index,
+            "box": [lo.tolist(), hi.tolist()],
+            "voxels": int(voxels[index - 1]),
+            "diameter_mm": float(np.cbrt(6.0 * volume_mm3 / np.pi)),  # equivalent sphere, as lesion_table
+        })
+    return out
+
+
+def box_iou_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (N, 4) and (M, 4) XYXY boxes (numpy: the linker runs outside torch)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def link_slice_detections(
+    detections: Sequence[dict],
+    axis: str,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    affine: np.ndarray | None = None,
+    link_iou: float = 0.1,
+    max_gap: int = 1,
+) -> list[dict]:
+    """Group slice detections ({"slice_index", "box" XYXY, "score"}) into 3D lesions.
+
+    Detections are chained slice by slice: on each slice, the boxes are matched one-to-one
+    (Hungarian assignment, scipy) to the open chains whose last box lies 1..1+max_gap
+    slices back (a gap of ``max_gap`` slices without a box is bridged), when their 2D IoU
+    is >= link_iou; unmatched boxes start new chains. One-to-one links keep two tumors
+    apart even where a large low-score box overlaps both. Each chain is a lesion with
+    its 3D voxel box (union of its slice boxes), world box in mm (through ``affine``),
+    longest in-plane diameter in mm (the longest side of its largest slice box: a box
+    bounds, but does not trace, the tumor), number of slices, and max and mean score.
+    Lesions come sorted by max score.
+    """
+    n = len(detections)
+    if n == 0:
+        return []
+    slices = np.array([int(d["slice_index"]) for d in detections])
+    boxes = np.array([[float(v) for v in d["box"]] for d in detections]).reshape(n, 4)
+    scores = np.array([float(d["score"]) for d in detections])
+    chains: list[list[int]] = []
+    for k in np.unique(slices):
+        here = np.flatnonzero(slices == k)
+        here = here[np.argsort(-scores[here], kind="stable")]
+        open_chains = [c for c in chains if 1 <= k - slices[c[-1]] <= 1 + max_gap]
+        linked = set()
+        if open_chains:
+            iou = box_iou_2d(boxes[[c[-1] for c in open_chains]], boxes[here])
+            gaps = np.array([k - slices[c[-1]] for c in open_chains], dtype=np.float64)
+            # prefer the nearest slice among equal overlaps
+            rows, cols = linear_sum_assignment(-(iou - 1e-3 * gaps[:, None]))
+            for r, c in zip(rows, cols):
+                if iou[r, c] >= link_iou:
+                    open_chains[r].append(int(here[c]))
+                    linked.add(c)
+        chains.extend([int(here[c])] for c in range(len(here)) if c not in linked)
+    (row_mm, col_mm), _ = slice_geometry(tuple(spacing), axis)
+    lesions = []
+    for chain in chains:
+        members = np.array(chain)
+        voxel_boxes = np.stack([slice_box_to_voxels(boxes[i], slices[i], axis, shape) for i in members])
+        box3d = np.stack([voxel_boxes[:, 0].min(axis=0), voxel_boxes[:, 1].max(axis=0)])
+        sides_mm = np.maximum((boxes[members, 2] - boxes[members, 0]) * col_mm,
+                              (boxes[members, 3] - boxes[members, 1]) * row_mm)
+        lesion = {
+            "box": box3d.tolist(),
+            "longest_diameter_mm": float(sides_mm.max()),
+            "num_slices": int(len(np.unique(slices[members]))),
+            "first_slice": int(slices[members].min()),
+            "last_slice": int(slices[members].max()),
+            "max_score": float(scores[members].max()),
+            "mean_score": float(scores[members].mean()),
+            "slice_boxes": [{"slice_index": int(slices[i]), "box": boxes[i].tolist(), "score": float(scores[i])}
+                            for i in members[np.argsort(slices[members], kind="stable")]],
+        }
+        if affine is not None:
+            lesion["world_box_mm"] = voxel_box_to_world(box3d, affine).tolist()
+        lesions.append(lesion)
+    lesions.sort(key=lambda l: -l["max_score"])
+    for i, lesion in enumerate(lesions, start=1):
+        lesion["lesion"] = i
+    return lesions

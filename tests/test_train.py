@@ -139,7 +139,13 @@ def test_eval_only_reproduces_final_test_metrics(trained, tiny_root, tmp_path):
     proc = train_net(tiny_root, "--config-file", str(trained / "config.yaml"), "--eval-only",
                      "MODEL.WEIGHTS", str(trained / "model_final.pth"), "OUTPUT_DIR", str(out))
     check_ok(proc)
-    results = json.loads((out / "eval_results.json").read_text())["bbox"]
+    everything = json.loads((out / "eval_results.json").read_text())
+    results = everything["bbox"]
+    # lesion-level metrics come with the slice AP, from the same pass, with their files
+    assert {"CPM", "AP3D", "sens@1", "recall_<10mm"} <= set(everything["lesion"])
+    assert 0.0 <= everything["lesion"]["CPM"] <= 1.0
+    lesion_dir = out / "inference" / "liver_tiny_test" / "lesions"
+    assert (lesion_dir / "froc.png").is_file() and (lesion_dir / "lesions_per_volume.csv").is_file()
     logged = bbox_metrics(read_metrics(trained)[-1])
     assert set(results) == set(logged)
     for k, v in logged.items():
@@ -296,3 +302,49 @@ def test_trained_detector_for_other_channel_count_raises(tmp_path):
     torch.save({"model": build_tiny_model(1).state_dict(), "iteration": 3}, path)
     with pytest.raises(LiverD2Error, match="1 input channels.*gives 3"):
         LiverCheckpointer(build_tiny_model(3)).load(str(path))
+
+
+def test_compare_report_matches_the_output_folders(trained, tiny_root, tmp_path):
+    """A finished folder plus a config that compare.py trains first; every table number is
+    the one in that folder's eval_results.json, and every plot is written."""
+    import pandas as pd
+
+    env = dict(os.environ, LIVER_D2_DATASETS=str(tiny_root), OMP_NUM_THREADS="1")
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "compare.py"), "--variants", str(trained), DEMO,
+                           "--runs", str(tmp_path / "runs"), "--out", str(report), *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    check_ok(proc)
+    assert (tmp_path / "runs" / "retinanet_R18_phantom_cpu" / "eval_results.json").is_file()
+    table = pd.read_csv(report / "metrics.csv").set_index("variant")
+    folders = {"out": trained, "retinanet_R18_phantom_cpu": tmp_path / "runs" / "retinanet_R18_phantom_cpu"}
+    assert set(table.index) == set(folders)
+    for name, folder in folders.items():
+        results = json.loads((folder / "eval_results.json").read_text())
+        for key in ("AP", "AP50", "APs"):
+            assert table.loc[name, key] == pytest.approx(results["bbox"][key], nan_ok=True), (name, key)
+        for key in ("CPM", "AP3D", "recall"):
+            assert table.loc[name, key] == pytest.approx(results["lesion"][key], nan_ok=True), (name, key)
+    for png in ("ap_by_size.png", "pr_curves.png", "froc.png", "loss_curves.png"):
+        assert (report / png).stat().st_size > 5000, png
+    text = (report / "report.md").read_text()
+    assert "| out |" in text and "froc.png" in text
+
+
+def test_two_stage_trains_both_stages(tiny_root, tmp_path):
+    """Stage one on the liver boxes (<name>_liver_*), stage two on liver crops; both train
+    and evaluate, stage two with full-slice boxes (COCO and lesion metrics)."""
+    short = ["SOLVER.MAX_ITER", "2", "TEST.VAL_PERIOD", "0", "TEST.NUM_OVERLAYS", "0"]
+    stage1 = tmp_path / "stage1"
+    check_ok(train_net(tiny_root, "--config-file", DEMO, *TINY, *short, "DATASETS.TRAIN", '("liver_tiny_liver_train",)',
+                       "DATASETS.VAL", "()", "DATASETS.TEST", '("liver_tiny_liver_test",)',
+                       "DATALOADER.NEGATIVES_PER_POSITIVE", "-1.0", "OUTPUT_DIR", str(stage1)))
+    results = json.loads((stage1 / "eval_results.json").read_text())
+    assert "bbox" in results and "lesion" not in results
+    stage2 = tmp_path / "stage2"
+    check_ok(train_net(tiny_root, "--config-file", DEMO, *TINY, *short, "INPUT.LIVER_CROP.ENABLED", "True",
+                       "INPUT.LIVER_CROP.SIZE", "64", "INPUT.LIVER_CROP.STAGE1", str(stage1), "OUTPUT_DIR", str(stage2)))
+    results = json.loads((stage2 / "eval_results.json").read_text())
+    assert math.isfinite(results["bbox"]["AP"]) and "CPM" in results["lesion"]
+    dets = json.loads((stage2 / "inference" / "liver_tiny_test" / "coco_instances_results.json").read_text())
+    assert dets and all(d["bbox"][0] + d["bbox"][2] <= 96 + 1e-3 for d in dets)  # full-slice coordinates

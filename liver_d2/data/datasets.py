@@ -19,7 +19,9 @@ from liver_d2.data.prepare import MANIFEST, SPLITS
 from liver_d2.errors import LiverD2Error
 
 ENV_ROOT = "LIVER_D2_DATASETS"
-THING_CLASSES = ["tumor"]
+# What a split's boxes mark: "tumor" (<name>_<split>) or, for stage one of the two-stage
+# detector, "liver" (<name>_liver_<split>: one box around the liver on each slice).
+TARGETS = ("tumor", "liver")
 BUILTIN = {  # prepared folder name → how to make it
     "liver_phantom": "python tools/make_phantoms.py && python tools/prepare_data.py --source datasets/phantoms",
     "liver_msd": "python tools/prepare_data.py --source datasets/Task03_Liver (see datasets/README.md)",
@@ -49,10 +51,10 @@ def registered_split_problem(dataset_name: str) -> Optional[str]:
     meta = MetadataCatalog.get(dataset_name)
     if meta.get("prepared_dir") is None:  # not a liver dataset: nothing to say
         return None
-    return split_problem(meta.json_file, meta.prepared_dir, meta.get("num_images"))
+    return split_problem(meta.split_json, meta.prepared_dir, meta.get("num_images"))
 
 
-def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = None) -> list[dict]:
+def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = None, target: str = "tumor") -> list[dict]:
     """Read one split's COCO JSON into detectron2 dicts, keeping the slice extras.
 
     Hand-written rather than detectron2's ``load_coco_json`` because that drops the image
@@ -76,6 +78,9 @@ def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = N
             "iscrowd": ann.get("iscrowd", 0),
             "area": ann["area"],
         })
+    if target == "liver":  # stage one of the two-stage detector: the liver region as the one box
+        by_image = {img["id"]: [{"bbox": img["liver_box"], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0,
+                                 "iscrowd": 0}] for img in coco["images"] if img.get("liver_box")}
     records = []
     for img in coco["images"]:
         record = {
@@ -91,23 +96,27 @@ def load_liver_json(json_file: str, folder: str, dataset_name: Optional[str] = N
     return records
 
 
-def register_split(name: str, folder: str, split: str, num_images: Optional[int] = None) -> str:
+def register_split(name: str, folder: str, split: str, num_images: Optional[int] = None,
+                   axis: Optional[str] = None, target: str = "tumor") -> str:
     """Register ``<name>_<split>`` for a prepared folder; returns the dataset name.
     ``num_images`` (from the manifest; None when not prepared yet) lets runs check early."""
-    dataset_name = f"{name}_{split}"
+    dataset_name = f"{name}_{split}" if target == "tumor" else f"{name}_{target}_{split}"
     json_file = os.path.join(folder, "annotations", f"{split}.json")
     if dataset_name in DatasetCatalog.list():
         DatasetCatalog.remove(dataset_name)
         MetadataCatalog.remove(dataset_name)
-    DatasetCatalog.register(dataset_name, lambda: load_liver_json(json_file, folder, dataset_name))
+    DatasetCatalog.register(dataset_name, lambda: load_liver_json(json_file, folder, dataset_name, target))
+    # the liver target has no COCO file of its own: COCOEvaluator converts its dicts
+    coco_keys = {"json_file": json_file, "thing_dataset_id_to_contiguous_id": {1: 0}} if target == "tumor" else {}
     MetadataCatalog.get(dataset_name).set(
-        thing_classes=list(THING_CLASSES),
-        thing_dataset_id_to_contiguous_id={1: 0},
-        json_file=json_file,
-        image_root=folder,
+        thing_classes=[target],
+        split_json=json_file,
+        target=target,
+        **coco_keys,
         evaluator_type="coco",
         prepared_dir=folder,
         num_images=num_images,
+        axis=axis,
     )
     return dataset_name
 
@@ -120,7 +129,9 @@ def register_prepared(folder: str, name: Optional[str] = None) -> list[str]:
     with open(manifest_path) as f:
         manifest = json.load(f)
     name = name or manifest.get("name") or os.path.basename(os.path.normpath(folder))
-    return [register_split(name, folder, split, info.get("images")) for split, info in manifest["splits"].items()]
+    axis = manifest.get("options", {}).get("axis")
+    return [register_split(name, folder, split, info.get("images"), axis, target)
+            for split, info in manifest["splits"].items() for target in TARGETS]
 
 
 def register_all(root: Optional[str] = None) -> list[str]:
@@ -128,7 +139,7 @@ def register_all(root: Optional[str] = None) -> list[str]:
     root = root or datasets_root()
     names = []
     for builtin in BUILTIN:
-        names += [register_split(builtin, os.path.join(root, builtin), s) for s in SPLITS]
+        names += [register_split(builtin, os.path.join(root, builtin), s, target=t) for s in SPLITS for t in TARGETS]
     if os.path.isdir(root):
         for entry in sorted(os.listdir(root)):
             folder = os.path.join(root, entry)
@@ -138,3 +149,23 @@ def register_all(root: Optional[str] = None) -> list[str]:
 
 
 register_all()
+
+
+def split_scans(dataset_name: str) -> list[str]:
+    """The source CT files of a registered prepared split (for whole-scan prediction on
+    exactly the volumes that split evaluates)."""
+    meta = MetadataCatalog.get(dataset_name)
+    folder = meta.get("prepared_dir")
+    if dataset_name not in DatasetCatalog.list() or folder is None:
+        raise LiverD2Error(f"{dataset_name}: not a registered prepared split")
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise LiverD2Error(f"{dataset_name}: {manifest_path} not found; prepare the data first")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    split = os.path.basename(meta.split_json)[: -len(".json")]
+    scans = []
+    for vid in manifest["splits"][split]["volumes"]:
+        with open(os.path.join(folder, "volumes", f"{vid}.json")) as f:
+            scans.append(json.load(f)["image"])
+    return scans

@@ -390,3 +390,19 @@ def _read_pixels(chosen: list[_Header], shape: tuple[int, int]) -> np.ndarray:
         else:
             out[i] = p.astype(np.float64) * slope + intercept
     return out.transpose(2, 1, 0)
+
+
+# Identifying fields: never copied into outputs unless a user asks (predict.py
+# --include-patient-fields), since findings files travel further than the scans do.
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate")
+
+
+def patient_fields(folder: str) -> dict[str, str]:
+    """Name, ID and birth date from the first readable DICOM header in ``folder``."""
+    for path in _list_files(folder):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, EOFError):
+            continue
+        return {key: str(ds.get(key, "")) for key in PATIENT_KEYWORDS}
+    return {}

@@ -18,7 +18,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import BitMasks, BoxMode, Instances
 from fvcore.transforms.transform import TransformList
 
 from liver_d2.config import validate_liver_config
@@ -29,6 +29,7 @@ from liver_d2.data.augment import (
     spacing_transform,
 )
 from liver_d2.data.channels import ChannelSpec, build_channels, read_dataset_stack
+from liver_d2.data.liver_crop import liver_crop_transforms
 from liver_d2.errors import LiverD2Error
 
 __all__ = ["LiverDatasetMapper", "mask_box", "polygon_box", "transform_annotations"]
@@ -100,6 +101,7 @@ class LiverDatasetMapper:
         target_spacing: float = 0.0,
         pad_hu: float = -1024.0,
         mask_on: bool = False,
+        liver_crop: Optional[tuple[int, int]] = None,
     ):
         self.is_train = is_train
         self.channel_spec = channel_spec
@@ -108,6 +110,7 @@ class LiverDatasetMapper:
         self.target_spacing = float(target_spacing)
         self.pad_hu = float(pad_hu)
         self.mask_on = mask_on
+        self.liver_crop = liver_crop  # (size, margin) for two-stage stage two, else None
 
     @classmethod
     def from_config(cls, cfg: Any, is_train: bool = True) -> dict:
@@ -120,6 +123,8 @@ class LiverDatasetMapper:
             "target_spacing": float(cfg.INPUT.HU.TARGET_SPACING),
             "pad_hu": float(cfg.INPUT.HU.PAD_VALUE),
             "mask_on": bool(cfg.MODEL.MASK_ON),
+            "liver_crop": (int(cfg.INPUT.LIVER_CROP.SIZE), int(cfg.INPUT.LIVER_CROP.MARGIN))
+            if cfg.INPUT.LIVER_CROP.ENABLED else None,
         }
 
     def _read(self, dataset_dict: dict) -> np.ndarray:
@@ -143,9 +148,18 @@ class LiverDatasetMapper:
         h, w = hu.shape[:2]
         tfms = TransformList([spacing_transform(h, w, dataset_dict.get("pixel_spacing"), self.target_spacing)])
         hu = apply_image_transforms(tfms, hu, self.pad_hu)
+        if self.liver_crop is not None and dataset_dict.get("liver_box"):
+            net_h, net_w = hu.shape[:2]
+            box = tfms.apply_box(np.array([dataset_dict["liver_box"]], dtype=np.float32))[0]
+            crop_tfms, crop = liver_crop_transforms(box, net_h, net_w, *self.liver_crop)
+            hu = apply_image_transforms(crop_tfms, hu, self.pad_hu)
+            tfms = tfms + crop_tfms
+            # predictions stay on the crop (height/width = crop size); liver_crop.py maps them back
+            dataset_dict.update(liver_crop=crop, net_size=[net_h, net_w], slice_height=h, slice_width=w,
+                                height=crop[5], width=crop[4])
         if self.is_train and self.geometric.augs:
             centre = hu[:, :, hu.shape[2] // 2] - np.float32(self.pad_hu)
-            geometric = self.geometric(T.AugInput(np.ascontiguousarray(centre)))
+            geometric = self.geometric(T.AugInput(np.ascontiguousarray(centre), boxes=_boxes(dataset_dict, tfms)))
             hu = apply_image_transforms(geometric, hu, self.pad_hu)
             tfms = tfms + geometric
         if self.is_train and self.intensity.augs:
@@ -156,7 +170,13 @@ class LiverDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        hu, tfms = self.augment(self._read(dataset_dict), dataset_dict)
+        return self.map_stack(self._read(dataset_dict), dataset_dict)
+
+    def map_stack(self, hu: np.ndarray, dataset_dict: dict) -> dict:
+        """Network input (and instances) for an (H, W, K) HU stack described by
+        ``dataset_dict`` (height, width, pixel_spacing, annotations). The volume predictor
+        calls this with slices cut from a scan, so inference can't prepare them differently."""
+        hu, tfms = self.augment(hu, dataset_dict)
         image_size = hu.shape[:2]
         channels = build_channels(hu, self.channel_spec)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(channels.transpose(2, 0, 1)))
@@ -168,6 +188,16 @@ class LiverDatasetMapper:
         if self.is_train:
             dataset_dict.pop("annotations", None)
         return dataset_dict
+
+
+def _boxes(dataset_dict: dict, tfms: TransformList) -> np.ndarray:
+    """The dict's tumor boxes (XYXY, after ``tfms``), for augmentations that look at them."""
+    annotations = [a for a in dataset_dict.get("annotations") or [] if not a.get("iscrowd", 0)]
+    if not annotations:
+        return np.zeros((0, 4), dtype=np.float32)
+    boxes = np.array([BoxMode.convert(a["bbox"], a.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
+                      for a in annotations], dtype=np.float32)
+    return tfms.apply_box(boxes)
 
 
 def _empty_instances(image_size: tuple[int, int], mask_on: bool) -> Instances:

@@ -27,12 +27,12 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from liver_d2.data.slice_io import HU_OFFSET, PNG_COMPRESSION, write_hu_slice
-from liver_d2.data.slicing import LIVER, TUMOR, check_axis, component_boxes, slice_geometry, slice_stack
+from liver_d2.data.slicing import LIVER, TUMOR, check_axis, component_boxes, slice_boxes, slice_geometry, slice_stack
 from liver_d2.data.volumes import Case, check_label_present, find_cases, read_case
 from liver_d2.errors import LiverD2Error
 from liver_d2.lesions import lesion_table
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: per-slice liver boxes (two-stage liver crop)
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 
@@ -116,6 +116,7 @@ def prepare_volume(case: Case, out_dir: str, options: PrepareOptions) -> dict:
     boxes, dropped = component_boxes(tumor, options.connectivity, options.min_pixels,
                                      options.min_area_mm2, pixel_spacing)
     stored = _stored_indices(has_liver, options.context, options.store_all_slices)
+    liver_boxes = slice_boxes(label > 0)
     os.makedirs(os.path.join(out_dir, "slices", volume.volume_id), exist_ok=True)
     integral = np.issubdtype(hu.dtype, np.integer)
     for k in stored:
@@ -138,6 +139,7 @@ def prepare_volume(case: Case, out_dir: str, options: PrepareOptions) -> dict:
         "slice_thickness": float(thickness),
         "has_liver": has_liver.tolist(),
         "has_tumor": has_tumor.tolist(),
+        "liver_boxes": liver_boxes,
         "stored": stored.tolist(),
         "boxes": [asdict(b) for b in boxes],
         "dropped_components": dropped,
@@ -304,6 +306,7 @@ def build_coco(records: list[dict], selected: dict[str, set], options: PrepareOp
                 "slice_thickness": record["slice_thickness"],
                 "has_liver": bool(record["has_liver"][k]),
                 "has_tumor": bool(record["has_tumor"][k]),
+                "liver_box": record["liver_boxes"][k],
                 "context_files": _context_files(record, k, options.context, options.axis),
                 "hu_offset": HU_OFFSET,
             })
@@ -427,7 +430,9 @@ def write_splits(out_dir: str, records: list[dict], options: PrepareOptions, nam
 def prepare_dataset(source: str, out_dir: str, options: PrepareOptions, name: str) -> PrepareResult:
     """Prepare a whole MSD/LiTS folder; bad volumes are reported and skipped."""
     options.check()
-    cases = find_cases(source)
+    # absolute source paths in the records: lesion evaluation reads the labels again later,
+    # from whatever folder the training runs in
+    cases = find_cases(os.path.abspath(source))
     os.makedirs(out_dir, exist_ok=True)
     records, failures, skipped = prepare_volumes(cases, out_dir, options)
     if not records:

@@ -6,6 +6,7 @@ radiologist reads them), so stored PNGs, boxes and overlays all agree with each 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -117,3 +118,45 @@ def coco_size_bucket(area: float) -> str:
     if area < 96**2:
         return "medium"
     return "large"
+
+
+def slice_box_to_voxels(box: Sequence[float], k: int, axis: str, shape: Sequence[int]) -> np.ndarray:
+    """A slice box (x0, y0, x1, y1 in pixel-edge coordinates of slice ``k`` as ``slice_stack``
+    shows it) as a 3D box in edge coordinates of the LPS (x, y, z) array: [[lo...], [hi...]].
+
+    Voxel i covers [i, i+1) on each axis, so the box maps exactly, including the rows
+    that ``slice_stack`` flips (z runs upwards, rows run downwards: z = depth - row).
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    depth = float(shape[2])
+    if check_axis(axis) == "axial":  # rows = y, cols = x, slices = z
+        lo, hi = (x0, y0, k), (x1, y1, k + 1)
+    elif axis == "coronal":  # rows = flipped z, cols = x, slices = y
+        lo, hi = (x0, k, depth - y1), (x1, k + 1, depth - y0)
+    else:  # sagittal: rows = flipped z, cols = y, slices = x
+        lo, hi = (k, x0, depth - y1), (k + 1, x1, depth - y0)
+    return np.array([lo, hi], dtype=np.float64)
+
+
+def voxel_box_to_world(box: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Edge-coordinate voxel box [[lo], [hi]] -> axis-aligned world box (RAS mm, the
+    NIfTI affine's space) [[min], [max]] over its eight corners. The affine maps voxel
+    *centres*, so edges sit half a voxel before them."""
+    corners = np.array([[box[i, 0], box[j, 1], box[m, 2]] for i in (0, 1) for j in (0, 1) for m in (0, 1)]) - 0.5
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    return np.stack([world.min(axis=0), world.max(axis=0)])
+
+
+def slice_boxes(stack: np.ndarray) -> list[Optional[list[int]]]:
+    """Per slice of a (K, H, W) boolean stack, the XYXY pixel-edge box of all True pixels
+    (None for an empty slice): the liver region the two-stage detector crops to."""
+    rows = stack.any(axis=2)  # (K, H)
+    cols = stack.any(axis=1)  # (K, W)
+    out: list[Optional[list[int]]] = []
+    for r, c in zip(rows, cols):
+        if not r.any():
+            out.append(None)
+            continue
+        ys, xs = np.flatnonzero(r), np.flatnonzero(c)
+        out.append([int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1])
+    return out

@@ -42,6 +42,7 @@ class Volume:
     label: Optional[np.ndarray] = None  # uint8, same shape, values in LABEL_VALUES
     label_source: Optional[str] = None
     meta: dict = field(default_factory=dict)
+    source_affine: Optional[np.ndarray] = None  # affine of the file as read, before reorientation
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -69,6 +70,8 @@ def _load_nifti(path: str) -> nib.Nifti1Image:
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as e:
         raise BadVolumeError(f"{path}: corrupt or truncated NIfTI ({type(e).__name__}: {e})") from None
+    if data.size == 0:
+        raise BadVolumeError(f"{path}: empty volume (shape {tuple(img.shape)}, no voxels)")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -90,6 +93,14 @@ def _integral_hu(data: np.ndarray, path: str) -> np.ndarray:
     if data.min() < -32768 or data.max() > 32767:
         raise BadVolumeError(f"{path}: values {data.min()}..{data.max()} do not fit CT HU (int16)")
     return data.astype(np.int16)
+
+
+def from_canonical(data: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
+    """Undo :func:`to_canonical`: an LPS-ordered array back on the grid of the file it came
+    from (whose affine was ``source_affine``), e.g. to write outputs that overlay the input."""
+    current = orientations.axcodes2ornt(CANONICAL_AXCODES)
+    target = orientations.io_orientation(source_affine)
+    return orientations.apply_orientation(data, orientations.ornt_transform(current, target))
 
 
 def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,9 +128,12 @@ def read_image(path: str) -> Volume:
         img = _load_nifti(path)
         data, affine, meta = np.asanyarray(img.dataobj), img.affine, {}
     hu = _integral_hu(np.asarray(data), path)
-    hu, affine = to_canonical(hu, affine)
+    if hu.size == 0:
+        raise BadVolumeError(f"{path}: empty volume (shape {hu.shape})")
+    source_affine = np.asarray(affine, dtype=np.float64)
+    hu, affine = to_canonical(hu, source_affine)
     return Volume(volume_id=volume_id_from_path(path), hu=hu, spacing=_spacing(affine),
-                  affine=affine, source=path, meta=meta)
+                  affine=affine, source=path, meta=meta, source_affine=source_affine)
 
 
 def read_label(path: str, like: Volume) -> np.ndarray:

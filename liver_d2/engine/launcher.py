@@ -58,12 +58,25 @@ def main(args):
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
-            with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
-                json.dump(results, f, indent=2)
+            write_results(cfg, results)
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # DefaultTrainer.train returns the final test results only with TEST.EXPECTED_RESULTS;
+    # its EvalHook keeps them here
+    results = getattr(trainer, "_last_eval_results", None)
+    if comm.is_main_process() and results:
+        write_results(cfg, results)  # the final test evaluation, as --eval-only writes it
+    return results
+
+
+def write_results(cfg, results) -> str:
+    """``OUTPUT_DIR/eval_results.json``: what reports (tools/compare.py) read."""
+    path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    return path
 
 
 def worker_error(e: BaseException) -> str | None:

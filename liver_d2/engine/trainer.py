@@ -14,18 +14,20 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from detectron2.data import (DatasetCatalog, build_detection_test_loader, build_detection_train_loader,
+from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from liver_d2.data.datasets import registered_split_problem
+from liver_d2.data.liver_crop import SliceCoordinatesEvaluator
 from liver_d2.data.mapper import LiverDatasetMapper
 from liver_d2.engine.checkpoint import LiverCheckpointer
 from liver_d2.engine.hooks import ValidationHook
+from liver_d2.evaluation.lesion_evaluator import LesionEvaluator
 from liver_d2.errors import LiverD2Error
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,11 @@ def check_datasets(cfg, eval_only: bool = False) -> None:
             problem = registered_split_problem(name) if key in used else None
             if problem:
                 raise LiverD2Error(f"DATASETS.{key} {name!r}: {problem}")
+            axis = MetadataCatalog.get(name).get("axis")
+            if axis and axis != cfg.INPUT.SLICE_AXIS:
+                raise LiverD2Error(
+                    f"DATASETS.{key} {name!r} holds {axis} slices but INPUT.SLICE_AXIS is {cfg.INPUT.SLICE_AXIS}; "
+                    f"set INPUT.SLICE_AXIS {axis} or prepare the data with --axis {cfg.INPUT.SLICE_AXIS}")
 
 
 def check_weights(cfg) -> None:
@@ -134,9 +141,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """Slice COCO AP, plus lesion-level FROC / CPM for prepared liver splits."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
+        coco = COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        meta = MetadataCatalog.get(dataset_name)
+        evaluator = coco
+        if cfg.TEST.LESIONS.ENABLED and meta.get("prepared_dir") and meta.get("target", "tumor") == "tumor":
+            evaluator = DatasetEvaluators([coco, LesionEvaluator.from_config(cfg, dataset_name, output_folder)])
+        # two-stage: the model sees liver crops, the evaluators get full-slice boxes
+        return SliceCoordinatesEvaluator(evaluator) if cfg.INPUT.LIVER_CROP.ENABLED else evaluator
 
     def build_hooks(self):
         cfg = self.cfg

@@ -1,0 +1,1 @@
+"""Comparison reports of trained model variants."""
