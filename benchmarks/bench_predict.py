@@ -53,11 +53,12 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=8, help="evenly spaced slices to run (0: all)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("opts", nargs="*", help="KEY VALUE config overrides, e.g. MODEL.RESNETS.NORM FrozenBN")
     args = p.parse_args()
     if not os.path.isfile(args.scan):
         raise SystemExit(f"{args.scan}: scan not found (set LIVER_D2_SHARED or --scan)")
     torch.manual_seed(0)
-    cfg = load_config(R50)
+    cfg = load_config(R50, args.opts)
     with tempfile.TemporaryDirectory() as model_dir:
         LiverCheckpointer(Trainer.build_model(cfg), model_dir).save("model_final")
         with open(os.path.join(model_dir, "config.yaml"), "w") as f:
@@ -69,12 +70,12 @@ def main() -> None:
     mask = np.zeros(volume.shape, bool)
     mask[:, :, chosen] = True  # axial slice k = z index k: run exactly these slices
     print(f"{args.scan}: {volume.shape}, {len(chosen)} slices, batch {args.batch_size}, device {cfg.MODEL.DEVICE}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, backbone norm {cfg.MODEL.RESNETS.NORM}, FPN {cfg.MODEL.FPN.OUT_CHANNELS} ch")
 
     batches = [inputs for _, inputs in predictor.batches(volume, chosen)]
 
     def forward_only() -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             for inputs in batches:
                 predictor.model(inputs)
 
@@ -89,7 +90,7 @@ def main() -> None:
     tv_batches = [[torch.rand(3, h, w, device=cfg.MODEL.DEVICE) for _ in inputs] for inputs in batches]
 
     def torchvision_forward() -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             for images in tv_batches:
                 tv(images)
 

@@ -94,7 +94,8 @@ def add_liver_config(cfg: CN) -> None:
     _C.INPUT.AUG.SCALE_RANGE = [0.9, 1.1]
     # Training crop: square crops of CROP_SIZE pixels (after any TARGET_SPACING resize),
     # holding a tumor with probability CROP_TUMOR_PROB; 0 = whole slices. Testing always
-    # runs whole slices. Crops make each CPU-second show the detector more tumors.
+    # runs whole slices. Crops make each CPU-second show the detector more tumors. Applied
+    # even with ENABLED False: it is how training batches are cut, not an augmentation.
     _C.INPUT.AUG.CROP_SIZE = 0
     _C.INPUT.AUG.CROP_TUMOR_PROB = 0.5
     # Brightness: add an offset ~ U(-BRIGHTNESS_HU, BRIGHTNESS_HU) HU; 0 = off.

@@ -271,6 +271,7 @@ def test_axis_ensemble_report(model_dir, phantoms, tmp_path) -> None:
     """Axial and coronal members and their ensemble, predicted on whole scans, scored with
     the lesion metrics and compared in one report whose numbers are the scored ones."""
     coronal = tmp_path / "coronal_model"
+    coronal.mkdir()
     cfg = load_config(DEMO, TINY_MODEL + ["MODEL.DEVICE", "cpu", "INPUT.SLICE_AXIS", "coronal"])
     torch.manual_seed(2)
     LiverCheckpointer(Trainer.build_model(cfg), str(coronal)).save("model_final")

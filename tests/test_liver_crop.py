@@ -60,7 +60,8 @@ def test_mapper_crops_to_the_liver_and_boxes_follow(tmp_path) -> None:
               "annotations": [{"bbox": [50, 40, 8, 6], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
                                "segmentation": rle, "iscrowd": 0}]}
     cfg = load_config(DEMO, ["INPUT.LIVER_CROP.ENABLED", "True", "INPUT.LIVER_CROP.SIZE", "160",
-                             "INPUT.LIVER_CROP.MARGIN", "4"])
+                             "INPUT.LIVER_CROP.MARGIN", "4", "INPUT.HU.NUM_SLICES", "1",
+                             "MODEL.PIXEL_MEAN", "[0.5]", "MODEL.PIXEL_STD", "[0.25]"])
     out = LiverDatasetMapper(cfg, is_train=False)(record)
     x0, y0, cw, ch, ow, oh = out["liver_crop"]
     assert (x0, y0, cw, ch) == (26, 16, 88, 68) and out["image"].shape[1:] == (oh, ow) and ow == 160

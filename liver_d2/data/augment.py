@@ -147,13 +147,14 @@ def spacing_transform(h: int, w: int, pixel_spacing: Any, target_mm: float) -> T
 
 
 def build_geometric_augmentations(cfg: Any) -> list[T.Augmentation]:
-    """Flip, rotation (expand=False), scale jitter and translation from ``cfg.INPUT.AUG``."""
+    """Training crop (always), then flip, rotation (expand=False), scale jitter and
+    translation when ``cfg.INPUT.AUG.ENABLED``."""
     aug = cfg.INPUT.AUG
-    if not aug.ENABLED:
-        return []
     augs: list[T.Augmentation] = []
     if aug.CROP_SIZE > 0:  # first, so the warps below run on the small crop
         augs.append(TumorCentredCrop(int(aug.CROP_SIZE), float(aug.CROP_TUMOR_PROB)))
+    if not aug.ENABLED:
+        return augs
     if aug.FLIP_H_PROB > 0:
         augs.append(T.RandomFlip(prob=float(aug.FLIP_H_PROB), horizontal=True, vertical=False))
     if aug.FLIP_V_PROB > 0:

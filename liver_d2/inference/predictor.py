@@ -188,7 +188,7 @@ class VolumePredictor:
             liver_boxes = self.liver_boxes(volume, liver_mask)
             indices = np.array([k for k in indices if k in liver_boxes], dtype=int)
         detections: list[dict] = []
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
             for chunk, inputs in self.batches(volume, indices, liver_boxes):
                 for k, output in zip(chunk, outputs_to_slice(inputs, self.model(inputs))):
                     inst = output["instances"].to("cpu")
