@@ -68,6 +68,9 @@ def add_liver_config(cfg: CN) -> None:
     # Training output folder of the stage-one liver detector (used by the volume predictor
     # when no liver label is given); "" = a liver label is required at prediction.
     _C.INPUT.LIVER_CROP.STAGE1 = ""
+    # Slices where stage one's best liver box scores below this are taken to hold no liver
+    # (stage two skips them).
+    _C.INPUT.LIVER_CROP.STAGE1_SCORE = 0.5
     # Axis the model's slices are cut along ("axial", "coronal", "sagittal"): the axis the
     # training data was prepared with (checked against its manifest), and the one the
     # volume predictor slices new scans along.

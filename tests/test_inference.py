@@ -239,7 +239,8 @@ def crop_model_dir(tmp_path_factory, model_dir) -> Path:
     """A two-stage stage-two model (random weights) whose stage one is the tiny model."""
     out = tmp_path_factory.mktemp("crop_model")
     cfg = load_config(DEMO, TINY_MODEL + ["MODEL.DEVICE", "cpu", "INPUT.LIVER_CROP.ENABLED", "True",
-                                          "INPUT.LIVER_CROP.SIZE", "96", "INPUT.LIVER_CROP.STAGE1", str(model_dir)])
+                                          "INPUT.LIVER_CROP.SIZE", "96", "INPUT.LIVER_CROP.STAGE1", str(model_dir),
+                                          "INPUT.LIVER_CROP.STAGE1_SCORE", "0.0"])
     torch.manual_seed(1)
     LiverCheckpointer(Trainer.build_model(cfg), str(out)).save("model_final")
     (out / "config.yaml").write_text(cfg.dump())

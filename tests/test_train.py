@@ -333,6 +333,11 @@ def test_compare_report_matches_the_output_folders(trained, tiny_root, tmp_path)
 def test_two_stage_trains_both_stages(tiny_root, tmp_path):
     """Stage one on the liver boxes (<name>_liver_*), stage two on liver crops; both train
     and evaluate, stage two with full-slice boxes (COCO and lesion metrics)."""
+    from liver_d2.data.datasets import load_liver_json
+
+    folder = tiny_root / "liver_tiny"
+    dicts = load_liver_json(str(folder / "annotations" / "test.json"), str(folder))
+    assert dicts and all(len(d["liver_box"]) == 4 for d in dicts)  # what stage two crops to
     short = ["SOLVER.MAX_ITER", "2", "TEST.VAL_PERIOD", "0", "TEST.NUM_OVERLAYS", "0"]
     stage1 = tmp_path / "stage1"
     check_ok(train_net(tiny_root, "--config-file", DEMO, *TINY, *short, "DATASETS.TRAIN", '("liver_tiny_liver_train",)',

@@ -28,7 +28,7 @@ BUILTIN = {  # prepared folder name → how to make it
     "liver_lits": "python tools/prepare_data.py --source datasets/LiTS (see datasets/README.md)",
 }
 IMAGE_EXTRAS = ("volume_id", "slice_index", "axis", "pixel_spacing", "slice_thickness",
-                "has_liver", "has_tumor", "hu_offset")
+                "has_liver", "has_tumor", "liver_box", "hu_offset")
 
 
 def datasets_root() -> str:

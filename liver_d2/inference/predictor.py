@@ -149,9 +149,10 @@ class VolumePredictor:
                                "give a liver label map (--liver-masks) or set INPUT.LIVER_CROP.STAGE1 to a "
                                "liver detector's output folder")
         found: dict[int, tuple[float, list[float]]] = {}
+        min_score = float(self.cfg.INPUT.LIVER_CROP.STAGE1_SCORE)
         for det in self.stage1.predict(volume).detections:
             k = det["slice_index"]
-            if det["score"] > found.get(k, (-1.0, []))[0]:
+            if det["score"] >= min_score and det["score"] > found.get(k, (-1.0, []))[0]:
                 found[k] = (det["score"], det["box"])
         return {k: box for k, (_, box) in found.items()}
 
