@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+import pandas as pd
+
 from liver_d2.errors import LiverD2Error
 from liver_d2.reports.compare import REPO, resolve_variants, train_variant, write_report
 
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except LiverD2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with open(paths["report.md"]) as f:
-        print("\n" + "\n".join(f.read().splitlines()[4:6 + len(done)]))
+    table = pd.read_csv(paths["metrics.csv"]).set_index("variant")
+    print("\n" + table.to_string(float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
     print(f"\nreport: {paths['report.md']} (+ {', '.join(os.path.basename(p) for p in paths.values() if p.endswith('.png'))})")
     if failed:
         print(f"\n{len(failed)} variant(s) failed to train and are not in the report: {', '.join(failed)}", file=sys.stderr)

@@ -176,7 +176,10 @@ def plot_ap_by_size(table: pd.DataFrame, path: str) -> str:
         ax.bar(x + i * width, [np.nan_to_num(row[m]) for m in metrics], width, label=row["variant"])
     ax.set(xticks=x + width * (len(table) - 1) / 2, xticklabels=metrics, ylabel="COCO AP (%)",
            title="slice AP by object size (test split)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # e.g. loss curves of scored prediction folders, which have none
+        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -188,7 +191,10 @@ def plot_curves(curves: dict, x: str, y: str, path: str, title: str, logx: bool 
     ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "), title=title)
     if logx:
         ax.set_xscale("symlog", linthresh=0.1)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # e.g. loss curves of scored prediction folders, which have none
+        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -202,7 +208,10 @@ def plot_losses(losses: dict, path: str) -> str:
         if len(val):
             ax.plot(val.iteration, val.val_loss, color=color, ls="--", marker="o", label=f"{name} val")
     ax.set(xlabel="iteration", ylabel="total loss", title="training (solid) and validation (dashed) loss")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:  # e.g. loss curves of scored prediction folders, which have none
+        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
