@@ -59,3 +59,21 @@ def shared_scan() -> Path:
     if not SHARED_SCAN.is_dir():
         pytest.skip(f"real scan not available at {SHARED_SCAN}")
     return SHARED_SCAN
+
+
+def load_and_check_backbone(model, path: str, expected: dict) -> dict:
+    """Load ``path`` into ``model`` and check every backbone tensor now equals ``expected``
+    and none kept its initial value; returns the loaded backbone tensors."""
+    import torch
+
+    from liver_d2.engine.checkpoint import LiverCheckpointer
+
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    LiverCheckpointer(model).load(path)
+    loaded = {k: v for k, v in model.state_dict().items()
+              if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
+    assert set(loaded) == set(expected)
+    for k, v in loaded.items():
+        assert torch.equal(v, expected[k]), k
+        assert not torch.equal(v, initial[k]), f"{k} kept its initial value"
+    return loaded

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from liver_d2.config import load_config
-from liver_d2.engine.checkpoint import STEM_KEY, LiverCheckpointer, adapt_stem_channels, torchvision_to_detectron2
+from liver_d2.engine.checkpoint import STEM_KEY, adapt_stem_channels, torchvision_to_detectron2
 from liver_d2.engine.trainer import Trainer
+
+from conftest import load_and_check_backbone
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,14 +30,6 @@ def test_every_backbone_parameter_is_loaded(tmp_path, depth):
     cfg = load_config(str(CONFIGS / f"retinanet_R_{depth}_FPN_windowed.yaml"),
                       ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.OUT_CHANNELS", "32",
                        "MODEL.RETINANET.NUM_CONVS", "1", "MODEL.WEIGHTS", str(path)])
-    model = Trainer.build_model(cfg)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    LiverCheckpointer(model).load(str(path))
     expected = torchvision_to_detectron2(tv)
     expected[STEM_KEY] = adapt_stem_channels(tv["conv1.weight"], 1)
-    loaded = {k: v for k, v in model.state_dict().items()
-              if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
-    assert set(loaded) == set(expected)
-    for k, v in loaded.items():
-        assert torch.equal(v, expected[k]), k
-        assert not torch.equal(v, initial[k]), f"{k} kept its initial value"
+    load_and_check_backbone(Trainer.build_model(cfg), str(path), expected)

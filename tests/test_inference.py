@@ -16,7 +16,7 @@ import torch
 
 from liver_d2.config import load_config
 from liver_d2.data.phantoms import write_phantom_dataset
-from liver_d2.data.volumes import read_image, to_canonical
+from liver_d2.data.volumes import to_canonical
 from liver_d2.engine.checkpoint import LiverCheckpointer
 from liver_d2.engine.trainer import Trainer
 from liver_d2.errors import LiverD2Error

@@ -268,7 +268,9 @@ def build_tiny_model(channels: int, weights: str = ""):
 def test_torchvision_resnet18_is_converted_and_stem_adapted(tmp_path, channels):
     import torchvision
 
-    from liver_d2.engine.checkpoint import STEM_KEY, LiverCheckpointer, adapt_stem_channels, torchvision_to_detectron2
+    from conftest import load_and_check_backbone
+
+    from liver_d2.engine.checkpoint import STEM_KEY, adapt_stem_channels, torchvision_to_detectron2
 
     torch.manual_seed(0)
     tv = torchvision.models.resnet18().state_dict()
@@ -277,18 +279,10 @@ def test_torchvision_resnet18_is_converted_and_stem_adapted(tmp_path, channels):
     tv = {k: (v + torch.rand_like(v) + 0.5 if v.is_floating_point() else v) for k, v in tv.items()}
     path = tmp_path / "r18_tv.pth"
     torch.save(tv, path)
-    model = build_tiny_model(channels, str(path))
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    LiverCheckpointer(model).load(str(path))
     expected = torchvision_to_detectron2(tv)
     if channels != 3:  # 3 channels take the RGB filter as it is
         expected[STEM_KEY] = adapt_stem_channels(tv["conv1.weight"], channels)
-    loaded = {k: v for k, v in model.state_dict().items()
-              if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
-    assert set(loaded) == set(expected)
-    for k, v in loaded.items():
-        assert torch.equal(v, expected[k]), k
-        assert not torch.equal(v, initial[k]), f"{k} kept its initial value"
+    loaded = load_and_check_backbone(build_tiny_model(channels, str(path)), str(path), expected)
     assert loaded[STEM_KEY].shape[1] == channels
     # a grey image repeated over the channels sees the same filter response as RGB did
     assert torch.allclose(loaded[STEM_KEY].sum(dim=1), tv["conv1.weight"].sum(dim=1), atol=1e-5)

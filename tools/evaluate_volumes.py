@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from liver_d2.errors import LiverD2Error
+from liver_d2.errors import LiverD2Error, report_skipped
 from liver_d2.evaluation.lesion_evaluator import evaluate_prediction_folder
 from liver_d2.evaluation.lesion_metrics import DEFAULT_IOU, format_summary, write_lesion_metrics
 
@@ -39,12 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     print(metrics.per_volume.to_string(index=False))
     print("\n" + format_summary(metrics.summary))
     print(f"\ntables and froc.png / pr.png in {out}")
-    if problems:
-        print(f"\n{len(problems)} prediction file(s) not scored:", file=sys.stderr)
-        for line in problems:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    return report_skipped(problems, "prediction file")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import pandas as pd
 
 from liver_d2.data.datasets import split_scans
-from liver_d2.errors import LiverD2Error
+from liver_d2.errors import LiverD2Error, report_skipped
 from liver_d2.inference.batch import BatchOptions, find_scans, predict_scans
 from liver_d2.inference.ensemble import EnsemblePredictor
 from liver_d2.inference.predictor import VolumePredictor
@@ -70,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(v["lesions"] for v in result.volumes)
     print(f"\n{len(result.volumes)} of {len(scans)} scans done, {total} lesions with score >= {args.min_score}; "
           f"{result.lesions_csv}, per-scan JSON in {os.path.abspath(args.out)}")
-    if result.failures:
-        print(f"\n{len(result.failures)} scan(s) skipped:", file=sys.stderr)
-        for failure in result.failures:
-            print(f"  {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return report_skipped(result.failures, "scan")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 
 from liver_d2.data.prepare import PrepareOptions, prepare_dataset
 from liver_d2.data.volumes import find_cases
-from liver_d2.errors import LiverD2Error
+from liver_d2.errors import LiverD2Error, report_skipped
 
 
 def default_name(source: str, axis: str) -> str:
@@ -78,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ntumors (3D components):")
         print(result.lesions.to_string(index=False))
     print(f"\nregistered as: {', '.join(f'{name}_{s}' for s in ('train', 'val', 'test'))}")
-    if result.failures:
-        print(f"\n{len(result.failures)} volume(s) skipped:", file=sys.stderr)
-        for failure in result.failures:
-            print(f"  {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return report_skipped(result.failures, "volume")
 
 
 if __name__ == "__main__":
