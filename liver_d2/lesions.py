@@ -91,14 +91,18 @@ def ground_truth_lesions(label: np.ndarray, spacing: Sequence[float], tumor_valu
     return out
 
 
-def box_iou_2d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of (N, 4) and (M, 4) XYXY boxes (numpy: the linker runs outside torch)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
+def box_iou(a, b, dims: int) -> np.ndarray:
+    """Pairwise IoU of N and M axis-aligned boxes in ``dims`` dimensions, each given as its
+    low corner then its high corner: XYXY slice boxes (dims 2) or [[lo xyz], [hi xyz]]
+    lesion boxes (dims 3). numpy: slice linking and lesion matching run outside torch."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 2, dims)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 2, dims)
+    lo = np.maximum(a[:, None, 0], b[None, :, 0])
+    hi = np.minimum(a[:, None, 1], b[None, :, 1])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    size_a = np.prod(a[:, 1] - a[:, 0], axis=1)
+    size_b = np.prod(b[:, 1] - b[:, 0], axis=1)
+    union = size_a[:, None] + size_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
@@ -136,7 +140,7 @@ def link_slice_detections(
         open_chains = [c for c in chains if 1 <= k - slices[c[-1]] <= 1 + max_gap]
         linked = set()
         if open_chains:
-            iou = box_iou_2d(boxes[[c[-1] for c in open_chains]], boxes[here])
+            iou = box_iou(boxes[[c[-1] for c in open_chains]], boxes[here], 2)
             gaps = np.array([k - slices[c[-1]] for c in open_chains], dtype=np.float64)
             # prefer the nearest slice among equal overlaps
             rows, cols = linear_sum_assignment(-(iou - 1e-3 * gaps[:, None]))

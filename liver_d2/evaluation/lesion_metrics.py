@@ -14,22 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from liver_d2.lesions import box_iou
+
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # false positives per volume
 DEFAULT_IOU = 0.1
 SIZE_BUCKETS = (("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">20mm", 20.0, float("inf")))
 
 
-def box_iou_3d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou_3d(a, b) -> np.ndarray:
     """Pairwise IoU of (N, 2, 3) and (M, 2, 3) boxes given as [[lo xyz], [hi xyz]]."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 2, 3)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 2, 3)
-    lo = np.maximum(a[:, None, 0], b[None, :, 0])
-    hi = np.minimum(a[:, None, 1], b[None, :, 1])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    vol_a = np.prod(a[:, 1] - a[:, 0], axis=1)
-    vol_b = np.prod(b[:, 1] - b[:, 0], axis=1)
-    union = vol_a[:, None] + vol_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return box_iou(a, b, 3)
 
 
 def match_volume(predictions: list[dict], truths: list[dict], iou_thresh: float = DEFAULT_IOU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
