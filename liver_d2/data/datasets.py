@@ -15,7 +15,7 @@ from typing import Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from liver_d2.data.prepare import MANIFEST, SPLITS
+from liver_d2.data.prepare import MANIFEST, SPLITS, read_volume_record
 from liver_d2.errors import LiverD2Error
 
 ENV_ROOT = "LIVER_D2_DATASETS"
@@ -164,8 +164,4 @@ def split_scans(dataset_name: str) -> list[str]:
     with open(manifest_path) as f:
         manifest = json.load(f)
     split = os.path.basename(meta.split_json)[: -len(".json")]
-    scans = []
-    for vid in manifest["splits"][split]["volumes"]:
-        with open(os.path.join(folder, "volumes", f"{vid}.json")) as f:
-            scans.append(json.load(f)["image"])
-    return scans
+    return [read_volume_record(folder, vid)["image"] for vid in manifest["splits"][split]["volumes"]]

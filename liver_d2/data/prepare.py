@@ -86,6 +86,16 @@ def slice_file(volume_id: str, axis: str, k: int) -> str:
     return f"slices/{volume_id}/{axis}_{k:04d}.png"
 
 
+def volume_record_file(out_dir: str, volume_id: str) -> str:
+    """Where a prepared volume's record (sources, geometry, boxes) lives."""
+    return os.path.join(out_dir, "volumes", f"{volume_id}.json")
+
+
+def read_volume_record(out_dir: str, volume_id: str) -> dict:
+    with open(volume_record_file(out_dir, volume_id)) as f:
+        return json.load(f)
+
+
 def _atomic_json(path: str, data: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -145,17 +155,15 @@ def prepare_volume(case: Case, out_dir: str, options: PrepareOptions) -> dict:
         "dropped_components": dropped,
         "lesions": lesions[["diameter_mm", "contrast_hu", "voxels"]].to_dict("records"),
     }
-    _atomic_json(os.path.join(out_dir, "volumes", f"{volume.volume_id}.json"), record)
+    _atomic_json(volume_record_file(out_dir, volume.volume_id), record)
     return record
 
 
 def _finished_record(case: Case, out_dir: str, options: PrepareOptions) -> Optional[dict]:
-    path = os.path.join(out_dir, "volumes", f"{case.volume_id}.json")
-    if not os.path.exists(path):
+    if not os.path.exists(volume_record_file(out_dir, case.volume_id)):
         return None
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = read_volume_record(out_dir, case.volume_id)
     except (json.JSONDecodeError, OSError):
         return None
     ok = record.get("version") == RECORD_VERSION and record.get("options") == options.volume_options()

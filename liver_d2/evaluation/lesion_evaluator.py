@@ -22,6 +22,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from liver_d2.data.prepare import read_volume_record
 from liver_d2.data.volumes import Case, read_case
 from liver_d2.errors import LiverD2Error
 from liver_d2.evaluation.lesion_metrics import (DEFAULT_IOU, LesionMetrics, evaluate_lesions, format_summary,
@@ -29,12 +30,6 @@ from liver_d2.evaluation.lesion_metrics import (DEFAULT_IOU, LesionMetrics, eval
 from liver_d2.lesions import ground_truth_lesions, link_slice_detections
 
 logger = logging.getLogger(__name__)
-
-
-def volume_record(prepared_dir: str, volume_id: str) -> dict:
-    """The per-volume record written when preparing (source files, shape, spacing)."""
-    with open(os.path.join(prepared_dir, "volumes", f"{volume_id}.json")) as f:
-        return json.load(f)
 
 
 def truth_lesions(record: dict) -> list[dict]:
@@ -94,7 +89,7 @@ class LesionEvaluator(DatasetEvaluator):
         pairs = {}
         try:
             for vid in sorted(volumes):
-                record = volume_record(self.prepared_dir, vid)
+                record = read_volume_record(self.prepared_dir, vid)
                 axis = record["options"]["axis"]
                 predicted = link_slice_detections(detections.get(vid, []), axis, record["shape"], record["spacing"],
                                                   link_iou=self.link_iou, max_gap=self.max_gap)
