@@ -11,6 +11,7 @@ whole scans.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -32,10 +33,21 @@ from liver_d2.lesions import ground_truth_lesions, link_slice_detections
 logger = logging.getLogger(__name__)
 
 
-def truth_lesions(record: dict) -> list[dict]:
-    """Ground-truth 3D lesions of a prepared volume, read again through the one reader."""
-    volume = read_case(Case(record["volume_id"], record["image"], record["label"]))
-    return ground_truth_lesions(volume.label, volume.spacing)
+def truth_lesions(case: Case) -> tuple[tuple[int, ...], list[dict]]:
+    """Grid shape and ground-truth 3D lesions of a labelled scan, through the one reader.
+
+    Cached per process: validation re-scores the same volumes every VAL_PERIOD, and
+    re-reading every scan each time is the slow part. The label's file time is in the key,
+    so a label rewritten during a run is read again. Callers must not change the lists.
+    """
+    mtime = os.path.getmtime(case.label) if os.path.exists(case.label) else None
+    return _read_truth(case, mtime)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_truth(case: Case, label_mtime: Optional[float]) -> tuple[tuple[int, ...], list[dict]]:
+    volume = read_case(case)
+    return volume.shape, ground_truth_lesions(volume.label, volume.spacing)
 
 
 class LesionEvaluator(DatasetEvaluator):
@@ -93,7 +105,7 @@ class LesionEvaluator(DatasetEvaluator):
                 axis = record["options"]["axis"]
                 predicted = link_slice_detections(detections.get(vid, []), axis, record["shape"], record["spacing"],
                                                   link_iou=self.link_iou, max_gap=self.max_gap)
-                pairs[vid] = (predicted, truth_lesions(record))
+                pairs[vid] = (predicted, truth_lesions(Case(vid, record["image"], record["label"]))[1])
         except (LiverD2Error, OSError, KeyError, ValueError) as e:
             # the slice AP of a finished training run must not be lost to a moved label file
             logger.warning(f"{self.dataset_name}: lesion metrics skipped: {e}")
@@ -132,14 +144,14 @@ def evaluate_prediction_folder(pred_dir: str, data_root: str, match_iou: float =
             problems.append(f"{path}: no label map for volume {vid!r} under {data_root}")
             continue
         try:
-            volume = read_case(cases[vid])
+            shape, truths = truth_lesions(cases[vid])
         except LiverD2Error as e:
             problems.append(str(e))
             continue
-        if list(volume.shape) != list(record.get("shape", [])):
-            problems.append(f"{path}: predicted on a {record.get('shape')} grid but {cases[vid].label} is {list(volume.shape)}")
+        if list(shape) != list(record.get("shape", [])):
+            problems.append(f"{path}: predicted on a {record.get('shape')} grid but {cases[vid].label} is {list(shape)}")
             continue
-        pairs[vid] = (lesions, ground_truth_lesions(volume.label, volume.spacing))
+        pairs[vid] = (lesions, truths)
     if not pairs:
         raise LiverD2Error(f"{pred_dir}: none of {len(files)} prediction files could be scored: {problems[0]}")
     return evaluate_lesions(pairs, match_iou), problems
