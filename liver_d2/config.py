@@ -244,7 +244,12 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise LiverD2Error(f"{config_file}: {str(e).splitlines()[0]}") from None
-    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-        cfg.MODEL.DEVICE = "cpu"
+    use_cpu_without_gpu(cfg)
     validate_liver_config(cfg)
     return cfg
+
+
+def use_cpu_without_gpu(cfg: CN) -> None:
+    """``cuda`` configs run on the CPU where no GPU is present, so one file serves both."""
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
+        cfg.MODEL.DEVICE = "cpu"

@@ -20,9 +20,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from liver_d2.data.slicing import voxel_box_to_world
-from liver_d2.data.volumes import Volume, read_image, read_label
+from liver_d2.data.volumes import Volume
 from liver_d2.evaluation.lesion_metrics import box_iou_3d
-from liver_d2.inference.predictor import VolumePrediction, VolumePredictor
+from liver_d2.inference.predictor import VolumePrediction, VolumePredictor, load_scan
 
 DEFAULT_FUSION_IOU = 0.2
 
@@ -95,9 +95,7 @@ class EnsemblePredictor:
                 ) -> tuple[VolumePrediction, list[VolumePrediction]]:
         """The fused prediction (reported along the axial axis) and each member's own."""
         t0 = time.perf_counter()
-        volume = read_image(scan) if isinstance(scan, str) else scan
-        if isinstance(liver_mask, str):
-            liver_mask = read_label(liver_mask, like=volume)
+        volume, liver_mask = load_scan(scan, liver_mask)  # once for all members
         singles = [p.predict(volume, liver_mask) for p in self.predictors]
         lesions = fuse_lesions([s.lesions for s in singles], self.weights, self.iou_thresh, volume.affine)
         detections = []

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 
-from liver_d2.config import load_config, validate_liver_config
+from liver_d2.config import load_config, use_cpu_without_gpu, validate_liver_config
 from liver_d2.data.channels import stack_from_volume
 from liver_d2.data.mapper import LiverDatasetMapper
 from liver_d2.data.liver_crop import outputs_to_slice
@@ -36,8 +36,7 @@ def resolve_model(cfg_or_path: Union[CfgNode, str], weights: Optional[str] = Non
     if isinstance(cfg_or_path, CfgNode):
         cfg = cfg_or_path.clone()
         cfg.defrost()
-        if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
-            cfg.MODEL.DEVICE = "cpu"
+        use_cpu_without_gpu(cfg)
         validate_liver_config(cfg)
     elif os.path.isdir(cfg_or_path):
         config_file = os.path.join(cfg_or_path, CONFIG_NAME)
@@ -95,6 +94,15 @@ class VolumePrediction:
 
             record["patient"] = patient_fields(v.source)
         return record
+
+
+def load_scan(scan: Union[str, Volume], liver_mask: Union[str, np.ndarray, None] = None
+              ) -> tuple[Volume, Optional[np.ndarray]]:
+    """A scan (path or Volume) and its optional liver label (path or LPS array) on its grid."""
+    volume = read_image(scan) if isinstance(scan, str) else scan
+    if isinstance(liver_mask, str):
+        liver_mask = read_label(liver_mask, like=volume)
+    return volume, liver_mask
 
 
 class VolumePredictor:
@@ -180,9 +188,7 @@ class VolumePredictor:
         """Findings for one scan (path or Volume); ``liver_mask`` (a label map path or an
         LPS array on the scan's grid) restricts inference to slices holding liver."""
         t0 = time.perf_counter()
-        volume = read_image(scan) if isinstance(scan, str) else scan
-        if isinstance(liver_mask, str):
-            liver_mask = read_label(liver_mask, like=volume)
+        volume, liver_mask = load_scan(scan, liver_mask)
         indices = self.slice_indices(volume, liver_mask)
         liver_boxes = None
         if self.liver_crop:  # stage two runs only where stage one (or the label) found liver

@@ -7,6 +7,8 @@ files, so the report and the folders always agree.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -123,15 +125,11 @@ def slice_pr_curve(variant: Variant) -> Optional[pd.DataFrame]:
         detections = json.load(f)
     if not detections:
         return pd.DataFrame({"recall": np.linspace(0, 1, 101), "precision": np.zeros(101)})
-    with open(os.devnull, "w") as quiet:
-        stdout, sys.stdout = sys.stdout, quiet
-        try:
-            gt = COCO(json_file)
-            ev = COCOeval(gt, gt.loadRes(detections), "bbox")
-            ev.evaluate()
-            ev.accumulate()
-        finally:
-            sys.stdout = stdout
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO(json_file)
+        ev = COCOeval(gt, gt.loadRes(detections), "bbox")
+        ev.evaluate()
+        ev.accumulate()
     precision = ev.eval["precision"][0, :, 0, 0, -1]  # IoU .5, recall points, class, area all, maxDets 100
     return pd.DataFrame({"recall": ev.params.recThrs, "precision": np.clip(precision, 0, None)})
 
