@@ -16,6 +16,7 @@ Uses the prepared ``liver_phantom`` dataset under ``$LIVER_D2_DATASETS`` (``make
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -31,6 +32,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import liver_d2.data.datasets  # noqa: E402,F401  (registers liver_phantom_*)
 from liver_d2.config import load_config  # noqa: E402
 from liver_d2.engine.trainer import Trainer, check_datasets  # noqa: E402
+from liver_d2.engine.weight_average import WeightAverage  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 
@@ -56,6 +58,11 @@ class TimedEvaluation(HookBase):
         self.train_s = 0.0
         self._t0 = 0.0
 
+    def _final_weights(self):
+        """The weights training would end with now: the average when SOLVER.EMA is on."""
+        average = next((h for h in self.trainer._hooks if isinstance(h, WeightAverage)), None)
+        return average.applied() if average is not None else contextlib.nullcontext()
+
     def before_step(self) -> None:
         self._t0 = time.perf_counter()
 
@@ -65,7 +72,8 @@ class TimedEvaluation(HookBase):
         while self.marks and (self.train_s >= self.marks[0] * 60 or at_end):
             mark = self.marks.pop(0)
             row = {"mark_min": mark, "train_min": round(self.train_s / 60, 2), "iteration": self.trainer.iter + 1}
-            row.update(evaluate(self.cfg, self.trainer.model))
+            with self._final_weights():
+                row.update(evaluate(self.cfg, self.trainer.model))
             self.rows.append(row)
             print(f"[curve] {row}", flush=True)
         if not self.marks:

@@ -24,6 +24,7 @@ from detectron2.config import get_cfg
 from liver_d2.data.channels import VALID_MODES, ChannelSpec, default_pixel_stats
 from liver_d2.data.slicing import AXES
 from liver_d2.errors import LiverD2Error
+import liver_d2.modeling  # noqa: F401,E402  (registers build_liver_resnet_fpn_backbone)
 
 
 def add_liver_config(cfg: CN) -> None:
@@ -120,6 +121,11 @@ def add_liver_config(cfg: CN) -> None:
     # "SGD" (detectron2's, with SOLVER.MOMENTUM) or "ADAMW" (betas 0.9/0.999, with
     # SOLVER.WEIGHT_DECAY). AdamW converges faster from scratch on short CPU schedules.
     _C.SOLVER.OPTIMIZER = "SGD"
+    # Exponential moving average of the weights (liver_d2/engine/weight_average.py): the
+    # average becomes the final model. DECAY near 1 averages more steps (0.999: ~1000).
+    _C.SOLVER.EMA = CN()
+    _C.SOLVER.EMA.ENABLED = False
+    _C.SOLVER.EMA.DECAY = 0.999
 
     # ------------------------------------------------------------- validation
     # Split used while training for the validation loss and validation AP (and so the
@@ -223,6 +229,8 @@ def validate_liver_config(cfg: CN) -> None:
            f"(MATCH_IOU > 0) and MAX_GAP={lesions.MAX_GAP} must be >= 0")
     _check(cfg.SOLVER.OPTIMIZER in ("SGD", "ADAMW"),
            f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not an optimizer; set it to SGD or ADAMW")
+    _check(not cfg.SOLVER.EMA.ENABLED or 0.0 < float(cfg.SOLVER.EMA.DECAY) < 1.0,
+           f"SOLVER.EMA.DECAY={cfg.SOLVER.EMA.DECAY} must be in (0, 1), e.g. 0.999")
     neg = float(cfg.DATALOADER.NEGATIVES_PER_POSITIVE)
     _check(neg >= 0 or neg == -1,
            f"DATALOADER.NEGATIVES_PER_POSITIVE={neg} must be >= 0, or -1 to keep all negatives")

@@ -1,8 +1,10 @@
-"""The validation pass measures the loss without changing anything training uses."""
+"""The validation pass measures the loss without changing anything training uses; the
+weight average is the EMA worked out by hand and ends up as the model."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -10,6 +12,7 @@ from detectron2.utils.events import EventStorage
 from liver_d2.config import load_config
 from liver_d2.engine.hooks import validation_loss
 from liver_d2.engine.trainer import Trainer
+from liver_d2.engine.weight_average import WeightAverage
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "retinanet_R18_phantom_cpu.yaml")
 
@@ -40,3 +43,45 @@ def test_validation_loss_changes_no_state() -> None:
     assert model.training and model.loss_normalizer == normaliser
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class _Scale(torch.nn.Module):
+    """One weight and one integer buffer: the average is easy to work out by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, _batch) -> dict:
+        self.steps += 1
+        return {"loss": -self.w.sum()}  # SGD at lr 1 adds 1 to w per step
+
+
+def test_weight_average_is_the_ema_and_becomes_the_final_model() -> None:
+    from detectron2.engine import SimpleTrainer
+
+    model = _Scale()
+    trainer = SimpleTrainer(model, iter([None] * 10), torch.optim.SGD(model.parameters(), lr=1.0))
+    average = WeightAverage(decay=0.5)
+    trainer.register_hooks([average])
+    trainer.train(0, 5)
+    expected = 0.0  # w after step i is i + 1; decay min(0.5, (1 + i) / (10 + i))
+    for i in range(5):
+        d = min(0.5, (1 + i) / (10 + i))
+        expected = d * expected + (1 - d) * (i + 1)
+    assert model.w.item() == pytest.approx(expected) and expected < 5  # the average, not the last weights
+    assert model.steps.item() == 5  # integer buffers are copied, not averaged
+    with torch.no_grad():
+        model.w.fill_(99.0)
+    with average.applied():  # a mid-run evaluation sees the average ...
+        assert model.w.item() == pytest.approx(expected)
+    assert model.w.item() == 99.0  # ... and training continues from its own weights
+    restored = WeightAverage(decay=0.5)
+    restored.load_state_dict(average.state_dict())
+    assert torch.equal(restored.state["w"], average.state["w"])
+
+
+def test_weight_average_rejects_a_decay_outside_0_1() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(decay=1.0)

@@ -184,7 +184,7 @@ def test_two_cpu_processes_train_and_evaluate(tiny_root, tmp_path):
     out = tmp_path / "ddp"
     proc = train_net(tiny_root, "--config-file", DEMO, "--num-gpus", "2", "--dist-url", "auto", *TINY,
                      "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out),
-                     one_thread=False)
+                     "SOLVER.EMA.ENABLED", "True", one_thread=False)
     check_ok(proc)
     log = (out / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in log, log[:2000]
@@ -192,7 +192,9 @@ def test_two_cpu_processes_train_and_evaluate(tiny_root, tmp_path):
     metrics = read_metrics(out)
     assert any("val/total_loss" in m and "val/bbox/AP" in m and "total_loss" in m for m in metrics), metrics
     assert math.isfinite(bbox_metrics(metrics[-1])["AP"])
-    assert (out / "model_final.pth").is_file()
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    average = final["weight_average"]["state"]  # the weight average (through DDP) is the final model
+    assert all(torch.equal(final["model"][k], average[k]) for k in final["model"])
     assert (out / "inference" / "liver_tiny_test" / "coco_instances_results.json").is_file()
 
 
@@ -259,6 +261,7 @@ def build_tiny_model(channels: int, weights: str = ""):
     add_liver_config(cfg)
     cfg.merge_from_file(DEMO)
     cfg.merge_from_list(["MODEL.FPN.OUT_CHANNELS", "16", "MODEL.RETINANET.NUM_CONVS", "1",
+                         "MODEL.RESNETS.STEM_OUT_CHANNELS", "64", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
                          "INPUT.HU.NUM_SLICES", str(channels), "MODEL.WEIGHTS", weights])
     set_default_pixel_stats(cfg)
     return build_model(cfg)
@@ -295,6 +298,21 @@ def test_trained_detector_for_other_channel_count_raises(tmp_path):
     torch.save({"model": build_tiny_model(1).state_dict(), "iteration": 3}, path)
     with pytest.raises(LiverD2Error, match="1 input channels.*gives 3"):
         LiverCheckpointer(build_tiny_model(3)).load(str(path))
+
+
+def test_imagenet_width_resnet_into_the_half_width_demo_raises(tmp_path):
+    """detectron2 alone would skip every backbone tensor with a warning and train from scratch."""
+    import torchvision
+
+    from liver_d2.config import load_config
+    from liver_d2.engine.checkpoint import LiverCheckpointer
+    from liver_d2.engine.trainer import Trainer
+
+    path = tmp_path / "r18_tv.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    demo = Trainer.build_model(load_config(DEMO, ["MODEL.DEVICE", "cpu"]))
+    with pytest.raises(LiverD2Error, match="64 channels wide.*builds 32.*RES2_OUT_CHANNELS"):
+        LiverCheckpointer(demo).load(str(path))
 
 
 def test_compare_report_matches_the_output_folders(trained, tiny_root, tmp_path):

@@ -90,10 +90,19 @@ class LiverCheckpointer(DetectionCheckpointer):
         return super()._load_model(checkpoint)
 
     def _check_input_channels(self, state: dict) -> None:
-        """A trained detector must match the input channels; a pretrained backbone is adapted."""
+        """A trained detector must match the input channels; a pretrained backbone is adapted.
+        Either must match the backbone's width (the demo's R18 is half as wide as ImageNet's)."""
         own = self.model.state_dict().get(STEM_KEY)
         theirs = state.get(STEM_KEY)
-        if own is None or theirs is None or not hasattr(theirs, "shape") or theirs.shape[1] == own.shape[1]:
+        if own is None or theirs is None or not hasattr(theirs, "shape"):
+            return
+        if theirs.shape[0] != own.shape[0]:  # detectron2 would skip every backbone tensor with a warning
+            raise LiverD2Error(
+                f"{getattr(self, '_loading', 'checkpoint')}: its backbone is {theirs.shape[0]} channels wide at the stem "
+                f"but this config builds {own.shape[0]}; set MODEL.RESNETS.STEM_OUT_CHANNELS and RES2_OUT_CHANNELS "
+                f"to {theirs.shape[0]} (ImageNet ResNets: 64)"
+            )
+        if theirs.shape[1] == own.shape[1]:
             return
         theirs = torch.as_tensor(theirs)
         if any(k.startswith("head.") for k in state):

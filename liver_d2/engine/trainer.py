@@ -27,6 +27,7 @@ from liver_d2.data.liver_crop import SliceCoordinatesEvaluator
 from liver_d2.data.mapper import LiverDatasetMapper
 from liver_d2.engine.checkpoint import LiverCheckpointer
 from liver_d2.engine.hooks import ValidationHook
+from liver_d2.engine.weight_average import WeightAverage
 from liver_d2.evaluation.lesion_evaluator import LesionEvaluator
 from liver_d2.errors import LiverD2Error
 
@@ -102,15 +103,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """detectron2's model, with P7's conv frozen when the head does not read P7.
+        """detectron2's model, with the P6 / P7 convs frozen when the head does not read them.
 
-        detectron2's RetinaNet FPN always builds P6 and P7; the liver configs read P2-P6,
-        so P7's conv never gets a gradient, and DistributedDataParallel stops at the second
+        detectron2's RetinaNet FPN always builds P6 and P7; the liver configs read P2-P6 or
+        P2-P5, so those convs never get a gradient, and DistributedDataParallel stops at the second
         iteration of any multi-process run ("Expected to have finished reduction ...")."""
         model = super().build_model(cfg)
         top_block = getattr(getattr(model, "backbone", None), "top_block", None)
-        if hasattr(top_block, "p7") and "p7" not in cfg.MODEL.RETINANET.IN_FEATURES:
-            top_block.p7.requires_grad_(False)
+        for level in ("p6", "p7"):
+            if hasattr(top_block, level) and level not in cfg.MODEL.RETINANET.IN_FEATURES:
+                getattr(top_block, level).requires_grad_(False)
         return model
 
     @staticmethod
@@ -155,6 +157,11 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         cfg = self.cfg
         hook_list = super().build_hooks()
+        if cfg.SOLVER.EMA.ENABLED:
+            # before the checkpointer and the evaluators: the last step swaps the average in
+            average = WeightAverage(cfg.SOLVER.EMA.DECAY)
+            self.checkpointer.add_checkpointable("weight_average", average)
+            hook_list.insert(next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.LRScheduler)) + 1, average)
         if cfg.TEST.VAL_PERIOD > 0 and cfg.DATASETS.VAL:
             validation = [
                 ValidationHook(cfg.TEST.VAL_PERIOD, cfg.DATASETS.VAL[0],

@@ -1,0 +1,4 @@
+"""Model parts detectron2 lacks; importing this registers them (liver_d2.config does)."""
+from liver_d2.modeling.backbone import build_liver_resnet_fpn_backbone, build_liver_resnet
+
+__all__ = ["build_liver_resnet_fpn_backbone", "build_liver_resnet"]
