@@ -1,4 +1,5 @@
 """One exception type for a user's bad input, so tools can print one line instead of a stack."""
+import sys
 
 
 class LiverD2Error(Exception):
@@ -12,8 +13,6 @@ class BadVolumeError(LiverD2Error):
 def report_skipped(failures: list[str], what: str) -> int:
     """Print a batch job's skipped items (one line each) to stderr; the tool's exit code:
     1 when something was skipped, else 0."""
-    import sys
-
     if not failures:
         return 0
     print(f"\n{len(failures)} {what}(s) skipped:", file=sys.stderr)

@@ -86,10 +86,10 @@ class LiverCheckpointer(DetectionCheckpointer):
             model_state = align_and_update_state_dicts(
                 self.model.state_dict(), model_state, c2_conversion=checkpoint.get("__author__") == "Caffe2")
             checkpoint["model"], checkpoint["matching_heuristics"] = model_state, False
-        self._check_input_channels(model_state)
+        self._check_stem(model_state)
         return super()._load_model(checkpoint)
 
-    def _check_input_channels(self, state: dict) -> None:
+    def _check_stem(self, state: dict) -> None:
         """A trained detector must match the input channels; a pretrained backbone is adapted.
         Either must match the backbone's width (the demo's R18 is half as wide as ImageNet's)."""
         own = self.model.state_dict().get(STEM_KEY)

@@ -158,6 +158,15 @@ def loss_curves(variant: Variant) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------ plots
+def _legend(ax) -> None:
+    """The variants' legend, or a note where none of them has data for this plot (e.g.
+    loss curves of scored prediction folders, which have none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path)
@@ -174,10 +183,7 @@ def plot_ap_by_size(table: pd.DataFrame, path: str) -> str:
         ax.bar(x + i * width, [np.nan_to_num(row[m]) for m in metrics], width, label=row["variant"])
     ax.set(xticks=x + width * (len(table) - 1) / 2, xticklabels=metrics, ylabel="COCO AP (%)",
            title="slice AP by object size (test split)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:  # e.g. loss curves of scored prediction folders, which have none
-        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -189,10 +195,7 @@ def plot_curves(curves: dict, x: str, y: str, path: str, title: str, logx: bool 
     ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "), title=title)
     if logx:
         ax.set_xscale("symlog", linthresh=0.1)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:  # e.g. loss curves of scored prediction folders, which have none
-        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -206,10 +209,7 @@ def plot_losses(losses: dict, path: str) -> str:
         if len(val):
             ax.plot(val.iteration, val.val_loss, color=color, ls="--", marker="o", label=f"{name} val")
     ax.set(xlabel="iteration", ylabel="total loss", title="training (solid) and validation (dashed) loss")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:  # e.g. loss curves of scored prediction folders, which have none
-        ax.text(0.5, 0.5, "no data for these variants", ha="center", va="center", transform=ax.transAxes)
+    _legend(ax)
     return _save(fig, path)
 
 
