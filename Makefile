@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKERS ?= 2
-PHANTOMS ?= 48
+PHANTOMS ?= 192
 DATASETS ?= $(or $(LIVER_D2_DATASETS),datasets)
 # Python 3.10 (pinned in .python-version): through pyenv when it is there, else on PATH.
 PY310 := $(shell (pyenv which python3.10 2>/dev/null || command -v python3.10 2>/dev/null) | head -n 1)

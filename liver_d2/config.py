@@ -24,7 +24,8 @@ from detectron2.config import get_cfg
 from liver_d2.data.channels import VALID_MODES, ChannelSpec, default_pixel_stats
 from liver_d2.data.slicing import AXES
 from liver_d2.errors import LiverD2Error
-import liver_d2.modeling  # noqa: F401,E402  (registers build_liver_resnet_fpn_backbone)
+import liver_d2.modeling  # noqa: F401,E402  (registers the liver backbone and LiverRetinaNet)
+from liver_d2.modeling.retinanet import CLS_LOSS_TYPES  # noqa: E402
 
 
 def add_liver_config(cfg: CN) -> None:
@@ -127,6 +128,13 @@ def add_liver_config(cfg: CN) -> None:
     _C.SOLVER.EMA.ENABLED = False
     _C.SOLVER.EMA.DECAY = 0.999
 
+    # ------------------------------------------------------------- model
+    # Classification loss of MODEL.META_ARCHITECTURE "LiverRetinaNet"
+    # (liver_d2/modeling/retinanet.py): "focal" (detectron2's RetinaNet) or "quality_focal"
+    # (the score learns the IoU of the anchor's predicted box, so tight boxes outrank loose
+    # ones; beta = MODEL.RETINANET.FOCAL_LOSS_GAMMA).
+    _C.MODEL.RETINANET.CLS_LOSS_TYPE = "focal"
+
     # ------------------------------------------------------------- validation
     # Split used while training for the validation loss and validation AP (and so the
     # best checkpoint); DATASETS.TEST is evaluated once, after training and by --eval-only.
@@ -227,6 +235,12 @@ def validate_liver_config(cfg: CN) -> None:
     _check(0 <= float(lesions.LINK_IOU) <= 1 and 0 < float(lesions.MATCH_IOU) <= 1 and int(lesions.MAX_GAP) >= 0,
            f"TEST.LESIONS LINK_IOU={lesions.LINK_IOU} / MATCH_IOU={lesions.MATCH_IOU} must lie in [0, 1] "
            f"(MATCH_IOU > 0) and MAX_GAP={lesions.MAX_GAP} must be >= 0")
+    cls_loss = cfg.MODEL.RETINANET.CLS_LOSS_TYPE
+    _check(cls_loss in CLS_LOSS_TYPES,
+           f"MODEL.RETINANET.CLS_LOSS_TYPE={cls_loss!r} is not a loss; set it to one of {', '.join(CLS_LOSS_TYPES)}")
+    _check(cls_loss == "focal" or cfg.MODEL.META_ARCHITECTURE == "LiverRetinaNet",
+           f"MODEL.RETINANET.CLS_LOSS_TYPE={cls_loss!r} needs MODEL.META_ARCHITECTURE \"LiverRetinaNet\" "
+           f"(it is {cfg.MODEL.META_ARCHITECTURE!r}, which would ignore it)")
     _check(cfg.SOLVER.OPTIMIZER in ("SGD", "ADAMW"),
            f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not an optimizer; set it to SGD or ADAMW")
     _check(not cfg.SOLVER.EMA.ENABLED or 0.0 < float(cfg.SOLVER.EMA.DECAY) < 1.0,
