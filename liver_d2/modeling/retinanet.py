@@ -55,18 +55,19 @@ class LiverRetinaNet(RetinaNet):
         return ret
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
-        if self.cls_loss_type == "focal":
-            return super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+        # detectron2's losses give the box loss and update the moving-average normaliser both
+        # terms share; under "quality_focal" their focal term (cheap next to the convolutions)
+        # is replaced rather than the rest of detectron2's loss code copied here.
         losses = super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
-        # Same normaliser as the box loss: super().losses just updated its moving average.
-        normalizer = self.loss_normalizer
+        if self.cls_loss_type == "focal":
+            return losses
         gt_labels = torch.stack(gt_labels)  # (N, R)
         valid = gt_labels >= 0
         pos = valid & (gt_labels != self.num_classes)
         targets = torch.zeros(*gt_labels.shape, self.num_classes, device=gt_labels.device)
         if pos.any():
             with torch.no_grad():
-                all_anchors = type(anchors[0]).cat(anchors).tensor  # (R, 4)
+                all_anchors = Boxes.cat(anchors).tensor  # (R, 4)
                 deltas = cat(pred_anchor_deltas, dim=1)[pos]
                 anchor_boxes = all_anchors.unsqueeze(0).expand(len(gt_labels), -1, -1)[pos]
                 pred_boxes = self.box2box_transform.apply_deltas(deltas, anchor_boxes)
@@ -74,5 +75,6 @@ class LiverRetinaNet(RetinaNet):
             targets[pos, gt_labels[pos]] = iou.clamp(min=0.0).to(targets.dtype)
             get_event_storage().put_scalar("pos_anchor_iou", float(iou.mean()))
         logits = cat(pred_logits, dim=1)[valid]
-        losses["loss_cls"] = quality_focal_loss(logits, targets[valid].to(logits.dtype), self.focal_loss_gamma) / normalizer
+        loss_cls = quality_focal_loss(logits, targets[valid].to(logits.dtype), self.focal_loss_gamma)
+        losses["loss_cls"] = loss_cls / self.loss_normalizer
         return losses
