@@ -128,6 +128,17 @@ def add_liver_config(cfg: CN) -> None:
     _C.SOLVER.EMA.ENABLED = False
     _C.SOLVER.EMA.DECAY = 0.999
 
+    # Wall-clock budget for training, in whole seconds (0 = off: SOLVER.MAX_ITER as given).
+    # Before training, a few timed steps of the real model on real batches measure this
+    # machine; MAX_ITER becomes what fits in the budget (calibration included, rounded down
+    # to 50, never above the configured MAX_ITER), and SOLVER.STEPS, SOLVER.CHECKPOINT_PERIOD,
+    # TEST.EVAL_PERIOD and TEST.VAL_PERIOD shrink with it. CPUs differ by 2x, so a fixed
+    # MAX_ITER either overruns "10 minutes" on a slow machine or wastes a fast one. Validation
+    # and test passes are not counted. OUTPUT_DIR/time_budget.json records the measurement,
+    # and --resume reuses its MAX_ITER. Runs repeat exactly only where they land on the same
+    # MAX_ITER.
+    _C.SOLVER.TIME_BUDGET = 0
+
     # ------------------------------------------------------------- model
     # Classification loss of MODEL.META_ARCHITECTURE "LiverRetinaNet"
     # (liver_d2/modeling/retinanet.py): "focal" (detectron2's RetinaNet) or "quality_focal"
@@ -245,6 +256,8 @@ def validate_liver_config(cfg: CN) -> None:
            f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not an optimizer; set it to SGD or ADAMW")
     _check(not cfg.SOLVER.EMA.ENABLED or 0.0 < float(cfg.SOLVER.EMA.DECAY) < 1.0,
            f"SOLVER.EMA.DECAY={cfg.SOLVER.EMA.DECAY} must be in (0, 1), e.g. 0.999")
+    _check(float(cfg.SOLVER.TIME_BUDGET) >= 0,
+           f"SOLVER.TIME_BUDGET={cfg.SOLVER.TIME_BUDGET} must be >= 0 seconds (0 = off, MAX_ITER as given)")
     neg = float(cfg.DATALOADER.NEGATIVES_PER_POSITIVE)
     _check(neg >= 0 or neg == -1,
            f"DATALOADER.NEGATIVES_PER_POSITIVE={neg} must be >= 0, or -1 to keep all negatives")

@@ -38,6 +38,7 @@ TINY = [
     "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "200",
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.MAX_ITER", "4",
+    "SOLVER.TIME_BUDGET", "0",  # exactly 4 iterations (tests/test_time_budget.py runs a budget)
     "SOLVER.WARMUP_ITERS", "0",
     "SOLVER.STEPS", "()",
     "SOLVER.CHECKPOINT_PERIOD", "2",

@@ -17,9 +17,11 @@ import torch
 from detectron2.engine import default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import liver_d2.data.datasets  # noqa: F401  (registers the liver datasets)
 from liver_d2.config import load_config
+from liver_d2.engine.time_budget import apply_time_budget
 from liver_d2.engine.trainer import Trainer, check_datasets, check_weights
 from liver_d2.errors import LiverD2Error
 
@@ -52,6 +54,9 @@ def main(args):
     cfg = build_config(args)
     share_cpu_threads(cfg)
     default_setup(cfg, args)  # logs, seeds, and saves config.yaml next to the checkpoints
+    # our modules' messages (negatives sampled, time budget) into the same log, as
+    # detectron2 projects do for their own package
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="liver_d2", abbrev_name="liver_d2")
     if args.eval_only:
         model = Trainer.build_model(cfg)
         Trainer.build_checkpointer(model, cfg).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
@@ -60,6 +65,12 @@ def main(args):
             verify_results(cfg, results)
             write_results(cfg, results)
         return results
+    budgeted = apply_time_budget(cfg, Trainer, resume=args.resume)
+    if budgeted is not cfg:
+        cfg = budgeted
+        if comm.is_main_process():  # config.yaml next to the checkpoints says what really ran
+            with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
