@@ -53,10 +53,14 @@ def share_cpu_threads(cfg) -> None:
 def main(args):
     cfg = build_config(args)
     share_cpu_threads(cfg)
-    default_setup(cfg, args)  # logs, seeds, and saves config.yaml next to the checkpoints
-    # our modules' messages (negatives sampled, time budget) into the same log, as
+    # our modules' messages (negatives sampled, time budget) into the run's log, as
     # detectron2 projects do for their own package
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="liver_d2", abbrev_name="liver_d2")
+    if not args.eval_only:
+        # before default_setup, so the config.yaml it saves holds the MAX_ITER that runs, and
+        # the seeds it sets are not shifted by the calibration steps
+        cfg = apply_time_budget(cfg, Trainer, resume=args.resume)
+    default_setup(cfg, args)  # logs, seeds, and saves config.yaml next to the checkpoints
     if args.eval_only:
         model = Trainer.build_model(cfg)
         Trainer.build_checkpointer(model, cfg).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
@@ -65,12 +69,6 @@ def main(args):
             verify_results(cfg, results)
             write_results(cfg, results)
         return results
-    budgeted = apply_time_budget(cfg, Trainer, resume=args.resume)
-    if budgeted is not cfg:
-        cfg = budgeted
-        if comm.is_main_process():  # config.yaml next to the checkpoints says what really ran
-            with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-                f.write(cfg.dump())
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()

@@ -5,8 +5,9 @@ recipe ran at 0.24 s per iteration one day and 0.40 s the next. A fixed MAX_ITER
 overruns on a slow machine or wastes a fast one. Here a few timed steps of the real model
 on real batches set MAX_ITER *before* the trainer is built, so the learning-rate schedule,
 checkpoints and validation all fit the new length (a schedule cut short mid-run would stop
-at a high learning rate). The calibration model is thrown away and the seeds reset, so a
-budgeted run that lands on N iterations is the same run as one configured with N.
+at a high learning rate). The calibration model is thrown away, and train_net calls this
+before detectron2's default_setup seeds the run, so a budgeted run that lands on N
+iterations is the same run as one configured with N.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Optional
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,6 @@ def apply_time_budget(cfg, trainer_cls, resume: bool = False):
     cfg.defrost()
     rescale_schedule(cfg, int(record["max_iter"]))
     cfg.freeze()
-    # as default_setup seeded them: the calibration must not shift the run's random streams
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     logger.info(f"SOLVER.TIME_BUDGET {budget:.0f} s at {record['seconds_per_iteration']:.3f} s/iteration "
                 f"(calibration {record['calibration_s']:.0f} s, {source}): MAX_ITER {record['max_iter']} "
                 f"of at most {record['configured_max_iter']}")

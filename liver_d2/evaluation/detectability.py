@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from detectron2.structures import BoxMode
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from scipy import ndimage, signal
 from tqdm import tqdm
 
@@ -205,34 +205,35 @@ def _predictions_by_image(predictions: Optional[list[dict]], score_thresh: float
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
 
-def volume_visibility(volume: Volume, dicts: list[dict], num_slices: int,
+def volume_visibility(volume: Volume, images: list[dict], coco: COCO, num_slices: int,
                       predicted: Optional[dict[int, np.ndarray]] = None) -> list[dict]:
-    """Rows for the boxes of one volume's slice records (detectron2 dataset dicts)."""
-    axis = dicts[0].get("axis", "axial")
+    """Rows for the boxes on one volume's slices (COCO image entries of a prepared split)."""
+    axis = images[0].get("axis", "axial")
     hu, label = slice_stack(volume.hu, axis), slice_stack(volume.label, axis)
     rows = []
-    for d in dicts:
-        k = int(d["slice_index"])
+    for image in images:
+        k = int(image["slice_index"])
         hu_ctx, centre = context_stack(hu, k, num_slices)
         label_ctx, _ = context_stack(label, k, num_slices)
-        for anno in d.get("annotations", []):
+        for anno in coco.imgToAnns[image["id"]]:
             mask = _component_mask(anno, hu.shape[1:])
-            x0, y0, x1, y1 = BoxMode.convert(anno["bbox"], anno.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
-            row = {"volume_id": d["volume_id"], "slice_index": k, "image_id": d["image_id"],
-                   "x0": x0, "y0": y0, "x1": x1, "y1": y1, "area": int(anno["area"]),
+            x, y, w, h = anno["bbox"]
+            row = {"ann_id": anno["id"], "volume_id": image["volume_id"], "slice_index": k, "image_id": image["id"],
+                   "x0": x, "y0": y, "x1": x + w, "y1": y + h, "area": int(anno["area"]),
                    "size": coco_size_bucket(anno["area"]),
                    **asdict(box_visibility(hu_ctx, label_ctx, mask, centre))}
             if predicted is not None:
-                boxes = predicted.get(int(d["image_id"]), np.zeros((0, 4)))
-                row["best_iou"] = float(box_iou([x0, y0, x1, y1], boxes, 2).max()) if len(boxes) else 0.0
+                boxes = predicted.get(image["id"], np.zeros((0, 4)))
+                row["best_iou"] = float(box_iou([x, y, x + w, y + h], boxes, 2).max()) if len(boxes) else 0.0
             rows.append(row)
     return rows
 
 
-def split_visibility(dataset_dicts: list[dict], prepared_dir: str, num_slices: int = 3,
+def split_visibility(coco: COCO, prepared_dir: str, num_slices: int = 3,
                      predictions: Optional[list[dict]] = None, score_thresh: float = 0.05,
                      ) -> tuple[pd.DataFrame, list[str]]:
-    """One row per ground-truth box of a prepared split, and the volumes that failed.
+    """One row per ground-truth box of a prepared split (its COCO JSON), and the volumes
+    that failed.
 
     Each volume is read once, through the one reader, for the label the stored slices
     lack (background must be tumor-free *liver*). With ``predictions`` (COCO results of the
@@ -240,16 +241,16 @@ def split_visibility(dataset_dicts: list[dict], prepared_dir: str, num_slices: i
     ``score_thresh``, so recall can be read against d'.
     """
     by_volume: dict[str, list[dict]] = {}
-    for d in dataset_dicts:
-        if d.get("annotations"):
-            by_volume.setdefault(d["volume_id"], []).append(d)
+    for image in coco.dataset["images"]:
+        if coco.imgToAnns[image["id"]]:
+            by_volume.setdefault(image["volume_id"], []).append(image)
     predicted = _predictions_by_image(predictions, score_thresh) if predictions is not None else None
     rows, failures = [], []
-    for vid, dicts in tqdm(sorted(by_volume.items()), desc="detectability", unit="vol"):
+    for vid, images in tqdm(sorted(by_volume.items()), desc="detectability", unit="vol"):
         try:
             record = read_volume_record(prepared_dir, vid)
             volume = read_case(Case(vid, record["image"], record["label"]))
-            rows += volume_visibility(volume, dicts, num_slices, predicted)
+            rows += volume_visibility(volume, images, coco, num_slices, predicted)
         except (LiverD2Error, OSError, KeyError, ValueError) as e:
             failures.append(f"{vid}: {e}")
     return pd.DataFrame(rows), failures

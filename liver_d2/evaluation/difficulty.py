@@ -39,8 +39,8 @@ class DifficultyReport:
     failures: list[str] = field(default_factory=list)
 
 
-def split_gt(dataset_name: str) -> tuple[list[dict], COCO, str]:
-    """Dataset dicts, COCO ground truth and prepared folder of a registered prepared split."""
+def split_gt(dataset_name: str) -> tuple[COCO, str]:
+    """COCO ground truth and prepared folder of a registered prepared split."""
     if dataset_name not in DatasetCatalog.list():
         raise LiverD2Error(f"{dataset_name}: not a registered dataset; prepare it (tools/prepare_data.py) "
                            "and pass its name, e.g. liver_phantom_test")
@@ -50,7 +50,7 @@ def split_gt(dataset_name: str) -> tuple[list[dict], COCO, str]:
         raise LiverD2Error(problem or f"{dataset_name}: not a prepared liver split")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while indexing
         coco = COCO(meta.split_json)
-    return DatasetCatalog.get(dataset_name), coco, meta.prepared_dir
+    return coco, meta.prepared_dir
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -65,29 +65,17 @@ def read_predictions(path: str) -> list[dict]:
     return predictions
 
 
-def annotation_ids(boxes: pd.DataFrame, coco: COCO) -> np.ndarray:
-    """The COCO annotation id of each table row, by image and box (the table comes from
-    dataset dicts, which do not carry ids)."""
-    index = {}
-    for ann in coco.loadAnns(coco.getAnnIds()):
-        x, y, w, h = ann["bbox"]
-        index[(ann["image_id"], round(x), round(y), round(x + w), round(y + h))] = ann["id"]
-    keys = zip(boxes["image_id"], boxes["x0"].round(), boxes["y0"].round(), boxes["x1"].round(), boxes["y1"].round())
-    return np.array([index[(int(i), int(a), int(b), int(c), int(d))] for i, a, b, c, d in keys], dtype=np.int64)
-
-
 def analyze_split(dataset_name: str, predictions: Optional[list[dict]] = None, num_slices: int = 3,
                   sigmas: Sequence[float] = DEFAULT_SIGMAS, min_d_primes: Sequence[float] = DEFAULT_MIN_D_PRIMES,
                   score_thresh: float = 0.05, repeats: int = 3) -> DifficultyReport:
     """Detectability of every box of a split, AP ceilings, and (with predictions) the
     model's found share per d' bin, its edge errors, and its COCO stats with the boxes
     below each d' cut-off ignored."""
-    dicts, coco, prepared_dir = split_gt(dataset_name)
-    boxes, failures = split_visibility(dicts, prepared_dir, num_slices, predictions, score_thresh)
+    coco, prepared_dir = split_gt(dataset_name)
+    boxes, failures = split_visibility(coco, prepared_dir, num_slices, predictions, score_thresh)
     if boxes.empty:
         raise LiverD2Error(f"{dataset_name}: no tumor boxes could be measured" +
                            (f" ({failures[0]})" if failures else ""))
-    boxes.insert(0, "ann_id", annotation_ids(boxes, coco))
     d_prime = boxes["d_prime"].fillna(np.inf).to_numpy()  # unmeasured: large tumors, kept as found
     ceilings = []
     for tau in min_d_primes:
